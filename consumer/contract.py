@@ -139,7 +139,11 @@ FIELDS: Final[Mapping[str, tuple[tuple[str, bool, Check], ...]]] = {
         ("productId", True, _check_id),
         *_COMMON_TAIL,
     ),
-    "addToBasket": (("sessionExternalId", True, _check_session), ("productId", True, _check_id), *_COMMON_TAIL),
+    "addToBasket": (
+        ("sessionExternalId", True, _check_session),
+        ("productId", True, _check_id),
+        *_COMMON_TAIL,
+    ),
     "order": (
         ("sessionExternalId", True, _check_session),
         ("productId", True, _check_id),

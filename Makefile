@@ -1,0 +1,56 @@
+# One command runs the service on a local stack (`make run`); one command runs the tests (`make test`).
+# Everything a fresh machine needs beyond Python 3.11+, Java 17+ and Maven is installed from here.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: help venv lint format test test-unit kafka-up kafka-down run bench clean
+
+help:
+	@echo "make run        start the local stack (broker, emulator, relay, traffic generator); Ctrl-C stops it"
+	@echo "make test       lint, then the whole test suite against a real local Kafka broker"
+	@echo "make test-unit  only the fast tests that need no broker"
+	@echo "make lint       ruff and mypy --strict"
+	@echo "make kafka-up   start a local broker in the background (make kafka-down stops it)"
+
+venv: $(STAMP)
+
+# Reinstall when the dependency pins change.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+lint: venv
+	$(VENV)/bin/ruff check consumer tests tools
+	$(VENV)/bin/ruff format --check consumer tests tools
+	$(VENV)/bin/mypy
+
+format: venv
+	$(VENV)/bin/ruff format consumer tests tools
+	$(VENV)/bin/ruff check --fix consumer tests tools
+
+# The broker tool starts a broker (unless KAFKA_BOOTSTRAP_SERVERS is set), runs pytest with its address,
+# stops it whatever pytest's outcome, and exits with pytest's status.
+test: lint
+	$(PY) -m tools.kafka_local run -- $(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: venv
+	$(PY) -m pytest -m unit $(PYTEST_ARGS)
+
+kafka-up: venv
+	$(PY) -m tools.kafka_local up
+
+kafka-down: venv
+	$(PY) -m tools.kafka_local down
+
+run: venv
+	$(PY) -m tools.local_stack
+
+clean:
+	-$(PY) -m tools.kafka_local down
+	rm -rf $(VENV) .kafka .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,162 @@
+"""Helpers for tests that cross the real broker: unique topics, producing and consuming with deadlines."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+T = TypeVar("T")
+DEFAULT_DEADLINE_S = 30.0
+
+
+def wait_for(
+    condition: Callable[[], T],
+    *,
+    deadline_s: float = DEFAULT_DEADLINE_S,
+    what: str = "condition",
+    interval_s: float = 0.05,
+) -> T:
+    """Poll ``condition`` until it returns something truthy, or fail naming ``what`` after the deadline."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {deadline_s:.0f}s waiting for {what}")
+        time.sleep(interval_s)  # the poll interval of a deadline-bounded wait, not a race guess
+
+
+def unique_name(prefix: str) -> str:
+    cleaned = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in prefix)[:80]
+    return f"{cleaned}-{uuid.uuid4().hex[:8]}"
+
+
+class Topics:
+    """Creates topics for one test and deletes them afterwards."""
+
+    def __init__(self, admin: AdminClient) -> None:
+        self.admin = admin
+        self.created: list[str] = []
+
+    def create(self, prefix: str, partitions: int = 1, config: dict[str, str] | None = None) -> str:
+        name = unique_name(prefix)
+        futures = self.admin.create_topics(
+            [NewTopic(name, num_partitions=partitions, replication_factor=1, config=config or {})],
+            operation_timeout=30,
+        )
+        futures[name].result(timeout=30)
+        self.created.append(name)
+        wait_for(lambda: self._leaders_known(name, partitions), what=f"leaders of {name}")
+        return name
+
+    def _leaders_known(self, name: str, partitions: int) -> bool:
+        metadata = self.admin.list_topics(name, timeout=10).topics.get(name)
+        return bool(
+            metadata
+            and len(metadata.partitions) == partitions
+            and all(p.leader >= 0 for p in metadata.partitions.values())
+        )
+
+    def delete_all(self) -> None:
+        if not self.created:
+            return
+        for future in self.admin.delete_topics(self.created, operation_timeout=30).values():
+            # Already gone is fine: a test may delete its own topic on purpose.
+            with contextlib.suppress(KafkaException):
+                future.result(timeout=30)
+        self.created.clear()
+
+
+def produce(
+    bootstrap: str,
+    topic: str,
+    records: Iterable[tuple[bytes | None, bytes | None]] | Iterable[tuple[bytes | None, bytes | None, int]],
+    *,
+    deadline_s: float = DEFAULT_DEADLINE_S,
+) -> int:
+    """Produce ``(key, value[, partition])`` records and wait until every one is acknowledged."""
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
+    failures: list[str] = []
+    count = 0
+
+    def report(error: Any, _message: Message) -> None:
+        if error is not None:
+            failures.append(str(error))
+
+    for record in records:
+        key, value = record[0], record[1]
+        kwargs: dict[str, Any] = {"key": key, "value": value, "on_delivery": report}
+        if len(record) > 2:
+            kwargs["partition"] = record[2]  # type: ignore[misc]
+        while True:
+            try:
+                producer.produce(topic, **kwargs)
+                break
+            except BufferError:
+                producer.poll(0.1)
+        count += 1
+    remaining = producer.flush(deadline_s)
+    assert remaining == 0, f"{remaining} records not acknowledged within {deadline_s}s"
+    assert not failures, f"produce failed: {failures[:3]}"
+    return count
+
+
+def end_offsets(bootstrap: str, topic: str, partitions: int) -> dict[int, int]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique_name("probe")})
+    try:
+        return {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in range(partitions)
+        }
+    finally:
+        consumer.close()
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        found = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+        return {tp.partition: tp.offset for tp in found}
+    finally:
+        consumer.close()
+
+
+@contextmanager
+def consumer(bootstrap: str, group: str, topics: list[str], **overrides: Any) -> Iterator[Consumer]:
+    config = {
+        "bootstrap.servers": bootstrap,
+        "group.id": group,
+        "auto.offset.reset": "earliest",
+        "enable.auto.offset.store": False,
+        "enable.auto.commit": False,
+        "partition.assignment.strategy": "cooperative-sticky",
+        **overrides,
+    }
+    client = Consumer(config)
+    client.subscribe(topics)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def consume(client: Consumer, count: int, *, deadline_s: float = DEFAULT_DEADLINE_S) -> list[Message]:
+    """Consume exactly ``count`` records (fails if fewer arrive before the deadline)."""
+    received: list[Message] = []
+    deadline = time.monotonic() + deadline_s
+    while len(received) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"received {len(received)} of {count} records within {deadline_s}s")
+        for message in client.consume(num_messages=count - len(received), timeout=0.5):
+            if message.error() is not None:
+                raise AssertionError(f"consume error: {message.error()}")
+            received.append(message)
+    return received

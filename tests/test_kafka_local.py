@@ -1,0 +1,99 @@
+"""The test harness itself: a real broker, at-least-once offsets, and a broker tool that cleans up."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+from confluent_kafka import TopicPartition
+
+from tests.kafka import Topics, committed_offsets, consume, consumer, produce, unique_name, wait_for
+from tools import kafka_local
+
+
+def test_consumer_group_resumes_exactly_at_the_committed_offsets(
+    kafka_bootstrap: str, topics: Topics
+) -> None:
+    topic = topics.create("resume", partitions=3)
+    produce(kafka_bootstrap, topic, [(f"k{i}".encode(), f"v{i}".encode(), i % 3) for i in range(30)])
+    group = unique_name("resume-group")
+
+    # First run: handle (and store) only the first 4 records of each partition, then commit and leave.
+    handled: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    with consumer(kafka_bootstrap, group, [topic]) as first:
+        for message in consume(first, 30):
+            partition, offset = message.partition(), message.offset()
+            if offset < 4:
+                handled[partition].append(offset)
+                first.store_offsets(offsets=[TopicPartition(topic, partition, offset + 1)])
+        first.commit(asynchronous=False)
+    assert all(offsets == [0, 1, 2, 3] for offsets in handled.values())
+    assert committed_offsets(kafka_bootstrap, group, topic, 3) == {0: 4, 1: 4, 2: 4}
+
+    # Second run in the same group: it starts exactly at offset 4 of every partition, nothing earlier.
+    with consumer(kafka_bootstrap, group, [topic]) as second:
+        resumed = consume(second, 18)
+    firsts = {p: min(m.offset() for m in resumed if m.partition() == p) for p in range(3)}
+    assert firsts == {0: 4, 1: 4, 2: 4}
+    assert sorted((m.partition(), m.offset()) for m in resumed) == [
+        (p, o) for p in range(3) for o in range(4, 10)
+    ]
+
+
+def test_auto_commit_commits_only_what_was_stored(kafka_bootstrap: str, topics: Topics) -> None:
+    topic = topics.create("stored")
+    produce(kafka_bootstrap, topic, [(None, b"x")] * 5)
+    group = unique_name("stored-group")
+    with consumer(
+        kafka_bootstrap, group, [topic], **{"enable.auto.commit": True, "auto.commit.interval.ms": 100}
+    ) as client:
+        consume(client, 5)
+        client.store_offsets(offsets=[TopicPartition(topic, 0, 3)])  # records 0..2 are done; 3 and 4 are not
+        wait_for(
+            lambda: committed_offsets(kafka_bootstrap, group, topic, 1) == {0: 3},
+            what="auto-commit of the stored offset",
+        )
+    # Closing commits the stored offset again, never the consumed-but-unsettled ones.
+    assert committed_offsets(kafka_bootstrap, group, topic, 1) == {0: 3}
+
+
+def test_broker_tool_stop_leaves_no_java_process(tmp_path: Path) -> None:
+    broker = kafka_local.start(data_root=tmp_path)
+    assert broker.alive()
+    assert _java_processes_using(broker.data_dir), "the started broker should be visible as a java process"
+    kafka_local.stop(broker)
+    assert not broker.alive()
+    assert _java_processes_using(broker.data_dir) == []
+    assert not broker.data_dir.exists()
+
+
+def test_broker_start_failure_quotes_the_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Hand the broker a port that is already taken: it cannot bind, exits, and the error must say why.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ports = iter([port, kafka_local.free_port()])
+        monkeypatch.setattr(kafka_local, "free_port", lambda: next(ports))
+        with pytest.raises(kafka_local.BrokerError) as raised:
+            kafka_local.start(data_root=tmp_path, deadline_s=60)
+    message = str(raised.value)
+    assert "before it was ready" in message
+    assert "Address already in use" in message or "BindException" in message
+    assert list(tmp_path.iterdir()) == [], "the failed broker's data directory must be removed"
+
+
+def _java_processes_using(data_dir: Path) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if "java" in cmdline and str(data_dir) in cmdline and state != "Z":
+            found.append(int(proc.name))
+    return found
