@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 from consumer import __version__
 
@@ -20,17 +22,149 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rr-consumer",
         description="Consume shop domain events from Kafka and deliver them to Retail Rocket's tracking API.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  rr-consumer run --config config.example.toml\n  rr-consumer emulator --port 8080\n",
+        epilog="examples:\n  rr-consumer run --config config.example.toml\n"
+        "  rr-consumer emulator --port 8080\n",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_emulator,):
+    for add in (_add_run, _add_config, _add_emulator):
         add(commands)
     return parser
 
 
+def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "run",
+        help="run the relay: consume, translate, deliver, commit",
+        description="Join the consumer group and deliver every event to the tracking API until SIGTERM.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  RR_API_KEY_DEMO=... rr-consumer run --config config.example.toml\n"
+        "  RR_KAFKA__BOOTSTRAP_SERVERS=kafka:9092 rr-consumer run --config /etc/rr/relay.toml\n\n"
+        "exit status: 0 after a clean stop, 1 on an error, 2 on a bad configuration,\n"
+        "3 when the dead-letter guard halted the service",
+    )
+    parser.add_argument(
+        "--config", type=Path, metavar="FILE", help="TOML configuration (RR_* variables override it)"
+    )
+
+    def run(args: argparse.Namespace) -> int:
+        from consumer import config, logs, service
+
+        settings = _load_config(config, args.config)
+        if settings is None:
+            return 2
+        observability = settings.settings.observability
+        logs.configure(
+            observability.log_level,
+            observability.log_format,
+            secrets=[shop.api_key.get_secret_value() for shop in settings.shops.values()],
+        )
+        return service.run(settings)
+
+    parser.set_defaults(handler=run)
+
+
+def _add_config(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser("config", help="check a configuration")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    check = actions.add_parser(
+        "check",
+        help="validate the configuration and print it, secrets masked",
+        epilog="example:\n  rr-consumer config check --config config.example.toml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    check.add_argument(
+        "--config", type=Path, metavar="FILE", help="TOML configuration (RR_* variables override it)"
+    )
+
+    def run(args: argparse.Namespace) -> int:
+        from consumer import config
+
+        loaded = _load_config(config, args.config)
+        if loaded is None:
+            return 2
+        print(config.describe(loaded))
+        return 0
+
+    check.set_defaults(handler=run)
+
+
+def _load_config(config: Any, path: Path | None) -> Any:
+    """Load the configuration, or print one clear line naming the setting and return None."""
+    from consumer.errors import ConfigError
+
+    try:
+        return config.load(path)
+    except ConfigError as error:
+        print(f"rr-consumer: configuration error: {error}", file=sys.stderr)
+        return None
+
+
 def _add_emulator(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Placeholder wiring; the emulator module owns its options (see consumer.emulator)."""
+    """``rr-consumer emulator``: the tracking API stand-in (consumer.emulator, imported only to run it).
+
+    The options are declared here rather than in consumer.emulator because importing that module loads
+    aiohttp's server, which would make every ``--help`` slow.
+    """
+    parser = commands.add_parser(
+        "emulator",
+        help="run the tracking API emulator",
+        description="Serve the Retail Rocket tracking API contract on /1.0/ and an admin API on /_emulator/.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument(
+        "--port", type=int, default=8080, help="port; 0 picks a free one (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--shop",
+        action="append",
+        metavar="PARTNER_ID:API_KEY",
+        help="a known shop (repeatable); API_KEY may be env:NAME to read it from the environment; "
+        "without --shop or --shops-file one shop partnerId=demo apiKey=demo-key is known",
+    )
+    parser.add_argument(
+        "--shops-file",
+        metavar="FILE",
+        help='JSON array of {"partner_id", "api_key", "disabled", "rate_limit"} objects',
+    )
+    parser.add_argument(
+        "--disabled", action="append", metavar="PARTNER_ID", help="answer this shop 403 (repeatable)"
+    )
+    parser.add_argument(
+        "--rate-limit",
+        type=float,
+        metavar="PER_SECOND",
+        help="answer 429 above this many requests/s per shop, for shops without their own (default: off)",
+    )
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="delay every call by this much")
+    parser.add_argument(
+        "--latency-jitter-ms", type=float, default=0.0, help="plus a uniform random delay up to this much"
+    )
+    parser.add_argument(
+        "--error-rate", type=float, default=0.0, help="share (0-1) of calls answered --error-status"
+    )
+    parser.add_argument("--error-status", type=int, default=503, help="(default: %(default)s)")
+    parser.add_argument(
+        "--outage",
+        choices=("none", "503", "refuse", "reset"),
+        default="none",
+        help="start in an outage: every call 503, connections refused, or connections reset",
+    )
+    parser.add_argument("--outage-seconds", type=float, help="end the starting outage after this long")
+    parser.add_argument("--retry-after", type=float, help="Retry-After seconds on injected errors")
+    parser.add_argument(
+        "--max-events",
+        type=int,
+        metavar="N",
+        help="keep only about the last N accepted events for the admin API (0: count only; default: all)",
+    )
+
+    def run(args: argparse.Namespace) -> int:
+        from consumer import emulator
+
+        return emulator.run_command(args)
+
+    parser.set_defaults(handler=run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
