@@ -1,14 +1,35 @@
 """The relay's configuration: one frozen, validated object built once at start-up and passed down.
 
-No other module reads the environment. Secrets (``apiKey``) are ``SecretStr``: they print as ``**********``
-and are revealed only where the request is built.
+Sources, later ones winning: the TOML file, then environment variables ``RR_<SECTION>__<KEY>`` (for example
+``RR_KAFKA__BOOTSTRAP_SERVERS`` or ``RR_DELIVERY__MODE``). No other module reads the environment.
+
+Secrets never live in the TOML file: each shop's ``apiKey`` comes from an environment variable
+(``api_key_env``) or a file (``api_key_file``, e.g. a mounted Kubernetes secret). At run time it is a
+``SecretStr``, which prints as ``**********`` and is revealed only where a request is built.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from consumer.errors import ConfigError
 
 DEFAULT_BASE_URL = "https://apptracking.retailrocket.net/1.0/"
+ENV_PREFIX = "RR_"
+ENV_DELIMITER = "__"
+
+ValueFormat = Literal["confluent-avro", "avro", "json"]
+DeliveryMode = Literal["batch", "single"]
+Ordering = Literal["key", "partition", "unordered"]
+UnknownEventPolicy = Literal["dead-letter", "skip"]
 
 
 class _Frozen(BaseModel):
@@ -16,13 +37,32 @@ class _Frozen(BaseModel):
 
 
 class ShopConfig(_Frozen):
-    """One Retail Rocket shop: the platform's shop id maps to a ``partnerId`` and its secret ``apiKey``."""
+    """One Retail Rocket shop at run time: its ``partnerId``, secret ``apiKey`` and rate limit."""
 
     partner_id: str = Field(min_length=1, description="Retail Rocket partnerId (public)")
     api_key: SecretStr = Field(description="Retail Rocket apiKey (secret; never logged)")
     rate_limit: float | None = Field(
         default=50.0, gt=0, description="requests per second for this shop; None turns the limiter off"
     )
+
+
+class ShopSettings(_Frozen):
+    """One shop as the TOML file describes it: where its key is, never the key itself."""
+
+    partner_id: str = Field(min_length=1)
+    api_key_env: str | None = Field(default=None, description="environment variable holding the apiKey")
+    api_key_file: Path | None = Field(default=None, description="file holding the apiKey")
+    rate_limit: float | None = Field(default=50.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_key(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "api_key" in data:
+            raise ValueError(
+                "api_key must not be written in the configuration; name an environment variable "
+                "(api_key_env) or a file (api_key_file) that holds it"
+            )
+        return data
 
 
 class TrackingConfig(_Frozen):
@@ -33,3 +73,243 @@ class TrackingConfig(_Frozen):
     batch_timeout: float = Field(default=10.0, gt=0, description="seconds, for one visitorEvents call")
     concurrency: int = Field(default=64, ge=1, description="connections in the keep-alive pool")
     verify_tls: bool = True
+
+
+class KafkaConfig(_Frozen):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    group_id: str = "rr-relay"
+    #: librdkafka settings passed through as they are (security.protocol, sasl.*, ssl.*, ...).
+    client: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    #: Records fetched per consume() call: the unit of per-batch work on the intake thread.
+    consume_batch: int = Field(default=500, ge=1, le=100_000)
+    #: librdkafka's prefetch bound per partition, in KiB (keeps memory flat with a large backlog).
+    queued_max_messages_kbytes: int = Field(default=16_384, ge=64)
+    commit_interval_ms: int = Field(default=1000, ge=50)
+
+
+class TopicConfig(_Frozen):
+    name: str = Field(min_length=1)
+    format: ValueFormat = "confluent-avro"
+    #: For ``avro`` (required) and ``json`` (optional): the record name the values are written with.
+    record_name: str | None = None
+    #: Dead-letter topic for this topic's records; default ``<name>.dlq``.
+    dead_letter_topic: str | None = None
+
+    @model_validator(mode="after")
+    def _avro_needs_record(self) -> TopicConfig:
+        if self.format == "avro" and not self.record_name:
+            raise ValueError("format 'avro' needs record_name: raw Avro carries no schema id")
+        return self
+
+    @property
+    def dlq(self) -> str:
+        return self.dead_letter_topic or f"{self.name}.dlq"
+
+
+class SchemaRegistryConfig(_Frozen):
+    url: str | None = None
+    basic_auth_user_info_env: str | None = Field(
+        default=None, description="environment variable holding 'user:password' for the registry"
+    )
+    timeout_s: float = Field(default=5.0, gt=0)
+
+
+class DeliveryConfig(_Frozen):
+    mode: DeliveryMode = "batch"
+    ordering: Ordering = "key"
+    batch_max_events: int = Field(default=500, ge=1, le=10_000)
+    batch_max_bytes: int = Field(default=1_048_576, ge=1024)
+    batch_linger_ms: float = Field(default=20.0, ge=0)
+    #: Batches in flight at once, over all shops.
+    max_concurrent_batches: int = Field(default=16, ge=1)
+    #: Single calls in flight at once (the worker pool of single mode).
+    max_concurrent_calls: int = Field(default=64, ge=1)
+    #: Records consumed but not yet settled; at the cap the consumer pauses its partitions.
+    max_in_flight_records: int = Field(default=20_000, ge=1)
+    #: Time revoked partitions get to settle their in-flight records before their watermark is committed.
+    revoke_grace_s: float = Field(default=10.0, ge=0)
+    #: Time SIGTERM gives in-flight records to settle before the final commit.
+    shutdown_grace_s: float = Field(default=20.0, ge=0)
+    unknown_event: UnknownEventPolicy = "dead-letter"
+    #: Shop that events for an unconfigured shop id go to; unset means such events are dead-lettered.
+    default_shop: str | None = None
+
+
+class RetryConfig(_Frozen):
+    base_s: float = Field(default=0.2, gt=0)
+    cap_s: float = Field(default=30.0, gt=0)
+    #: Give up on a transient failure (dead-letter it) after this long; unset retries for as long as it takes.
+    max_age_s: float | None = Field(default=None, gt=0)
+
+
+class DeadLetterConfig(_Frozen):
+    #: Dead-letter guard: halt when more than this share of recent records were dead-lettered ...
+    max_ratio: float = Field(default=0.5, gt=0, le=1)
+    #: ... over this many of the most recent settled records ...
+    window_records: int = Field(default=200, ge=1)
+    #: ... once at least this many were dead-lettered in the window (a few bad records never halt).
+    min_dead_lettered: int = Field(default=50, ge=1)
+
+
+class ObservabilityConfig(_Frozen):
+    port: int | None = Field(default=None, ge=0, le=65535, description="metrics and health port; unset = off")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+
+class Settings(BaseSettings):
+    """Everything the relay needs, validated once."""
+
+    model_config = SettingsConfigDict(
+        frozen=True, extra="forbid", env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_DELIMITER
+    )
+
+    kafka: KafkaConfig = KafkaConfig()
+    topics: list[TopicConfig] = Field(min_length=1)
+    schema_registry: SchemaRegistryConfig = SchemaRegistryConfig()
+    shops: dict[str, ShopSettings] = Field(min_length=1)
+    tracking: TrackingConfig = TrackingConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    retry: RetryConfig = RetryConfig()
+    dead_letter: DeadLetterConfig = DeadLetterConfig()
+    observability: ObservabilityConfig = ObservabilityConfig()
+    schemas_dir: Path | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init values; the environment overrides it.
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.delivery.default_shop is not None and self.delivery.default_shop not in self.shops:
+            raise ValueError(f"delivery.default_shop {self.delivery.default_shop!r} is not one of [shops]")
+        if any(t.format == "confluent-avro" for t in self.topics) and not self.schema_registry.url:
+            raise ValueError("schema_registry.url is required when a topic has format 'confluent-avro'")
+        names = [t.name for t in self.topics]
+        if len(set(names)) != len(names):
+            raise ValueError("topics: a topic is listed twice")
+        if self.retry.cap_s < self.retry.base_s:
+            raise ValueError("retry.cap_s must be at least retry.base_s")
+        return self
+
+
+class RelayConfig(BaseModel):
+    """The validated settings plus the secrets resolved from the environment: what the service runs on."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    settings: Settings
+    shops: dict[str, ShopConfig]
+    schema_registry_auth: SecretStr | None = None
+
+
+def load(path: Path | None, environ: Mapping[str, str] | None = None) -> RelayConfig:
+    """Read the TOML file (if any), apply ``RR_*`` overrides and resolve secrets.
+
+    Raises ConfigError naming the setting that is wrong.
+    """
+    env = os.environ if environ is None else environ
+    raw = _read_toml(path) if path is not None else {}
+    try:
+        settings = _with_environ(env, lambda: Settings(**raw))
+    except ValidationError as error:
+        raise _config_error(error) from None
+    shops = {name: _resolve_shop(name, shop, env) for name, shop in settings.shops.items()}
+    auth = None
+    if settings.schema_registry.basic_auth_user_info_env:
+        auth = SecretStr(
+            _require_env(
+                env,
+                settings.schema_registry.basic_auth_user_info_env,
+                "schema_registry.basic_auth_user_info_env",
+            )
+        )
+    return RelayConfig(settings=settings, shops=shops, schema_registry_auth=auth)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError("--config", f"no such file: {path}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError("--config", f"{path} is not valid TOML: {error}") from None
+
+
+def _with_environ(env: Mapping[str, str], build: Any) -> Settings:
+    """pydantic-settings reads ``os.environ``; tests pass their own mapping, so swap it in for the build."""
+    if env is os.environ:
+        return build()  # type: ignore[no-any-return]
+    saved = dict(os.environ)
+    try:
+        os.environ.clear()
+        os.environ.update(env)
+        return build()  # type: ignore[no-any-return]
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _config_error(error: ValidationError) -> ConfigError:
+    first = error.errors()[0]
+    setting = ".".join(str(part) for part in first["loc"]) or "configuration"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown setting"
+    elif first["type"] == "missing":
+        message = "is required"
+    extra = f" (and {error.error_count() - 1} more problem(s))" if error.error_count() > 1 else ""
+    return ConfigError(setting, message + extra)
+
+
+def _resolve_shop(name: str, shop: ShopSettings, env: Mapping[str, str]) -> ShopConfig:
+    setting = f"shops.{name}"
+    if shop.api_key_env and shop.api_key_file:
+        raise ConfigError(setting, "give api_key_env or api_key_file, not both")
+    if shop.api_key_file is not None:
+        try:
+            key = shop.api_key_file.read_text().strip()
+        except OSError as error:
+            raise ConfigError(
+                f"{setting}.api_key_file", f"cannot read {shop.api_key_file}: {error.strerror}"
+            ) from None
+        if not key:
+            raise ConfigError(f"{setting}.api_key_file", f"{shop.api_key_file} is empty")
+    else:
+        variable = shop.api_key_env or default_key_env(name)
+        key = _require_env(env, variable, f"{setting}.api_key_env")
+    return ShopConfig(partner_id=shop.partner_id, api_key=SecretStr(key), rate_limit=shop.rate_limit)
+
+
+def default_key_env(shop: str) -> str:
+    """The environment variable a shop's key is read from when the TOML names none."""
+    cleaned = "".join(ch if ch.isalnum() else "_" for ch in shop).upper()
+    return f"{ENV_PREFIX}API_KEY_{cleaned}"
+
+
+def _require_env(env: Mapping[str, str], variable: str, setting: str) -> str:
+    value = env.get(variable, "").strip()
+    if not value:
+        raise ConfigError(setting, f"environment variable {variable} is not set or empty")
+    return value
+
+
+def describe(config: RelayConfig) -> str:
+    """The effective configuration as TOML-like text, every secret masked."""
+    data = config.settings.model_dump(mode="json")
+    data["shops"] = {
+        name: {"partner_id": shop.partner_id, "api_key": "**********", "rate_limit": shop.rate_limit}
+        for name, shop in config.shops.items()
+    }
+    if config.schema_registry_auth is not None:
+        data["schema_registry"]["basic_auth_user_info"] = "**********"
+    return json.dumps(data, indent=2, sort_keys=True)

@@ -1,0 +1,345 @@
+"""Intake: the one thread that owns the Kafka consumer.
+
+librdkafka's consumer is not shared between threads, and its rebalance callbacks run inside ``consume()`` on
+the thread that called it. So this thread does everything that touches the consumer — consume, decode and
+translate each batch of records (plain function calls), pause and resume, store offsets for auto-commit,
+commit on revoke — and hands finished batches of :class:`Record` to the event loop with one
+``call_soon_threadsafe`` per batch, never per record.
+
+A revoke must wait for in-flight HTTP calls without blocking what completes them: the callback asks the
+loop to release the partitions (a coroutine that waits up to the grace period) and blocks only this
+thread on the answer; the loop keeps delivering meanwhile.
+
+Backpressure: when the records in flight reach the cap, every assigned partition is paused (the backlog
+stays in Kafka, not in memory) until half of them have settled. The paused set is re-applied after each
+assignment, as librdkafka forgets it across a rebalance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Coroutine, Mapping
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, Protocol
+
+import orjson
+import structlog
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message
+from confluent_kafka import TopicPartition as KafkaTopicPartition
+
+from consumer.config import DeliveryMode, Settings, UnknownEventPolicy
+from consumer.decode import Decoder, UnknownEventType
+from consumer.errors import PermanentError, RegistryUnavailable
+from consumer.record import Record, TopicPartition
+from consumer.retry import Backoff
+from consumer.settle import OffsetLedger
+from consumer.translate import Translator
+
+log = structlog.get_logger(__name__)
+
+#: How long one consume() call may block: bounds how late a stop, a store or a resume is applied.
+POLL_TIMEOUT_S = 0.1
+
+
+class IntakeListener(Protocol):
+    """What the intake thread asks of the event loop side (all called on the loop)."""
+
+    def on_records(self, records: list[Record]) -> None: ...
+    def on_assigned(self, partitions: list[tuple[TopicPartition, int]]) -> None: ...
+    def on_lost(self, partitions: list[TopicPartition]) -> None: ...
+    def release(
+        self, partitions: list[TopicPartition], grace_s: float
+    ) -> Coroutine[Any, Any, dict[TopicPartition, int | None]]: ...
+    def on_intake_stopped(self, error: BaseException | None) -> None: ...
+
+
+def consumer_config(settings: Settings) -> dict[str, Any]:
+    kafka = settings.kafka
+    return {
+        # The user's pass-through settings first, so the ones below that the guarantees rest on win.
+        **kafka.client,
+        "bootstrap.servers": kafka.bootstrap_servers,
+        "group.id": kafka.group_id,
+        "partition.assignment.strategy": "cooperative-sticky",
+        "enable.auto.offset.store": False,  # only settled records are stored ...
+        "enable.auto.commit": True,  # ... and what is stored is committed in the background
+        "auto.commit.interval.ms": kafka.commit_interval_ms,
+        "auto.offset.reset": kafka.client.get("auto.offset.reset", "earliest"),
+        "enable.partition.eof": False,
+        "queued.max.messages.kbytes": kafka.queued_max_messages_kbytes,
+        "queued.min.messages": max(kafka.consume_batch * 2, 1000),
+    }
+
+
+class Intake:
+    """Runs the consumer on its own thread; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        decoders: Mapping[str, Decoder],
+        translator: Translator,
+        ledger: OffsetLedger,
+        listener: IntakeListener,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        consumer_factory: Callable[[dict[str, Any]], Consumer] = Consumer,
+    ) -> None:
+        self._settings = settings
+        self._decoders = decoders
+        self._translator = translator
+        self._ledger = ledger
+        self._listener = listener
+        self._loop = loop
+        self._consumer_factory = consumer_factory
+        self._mode: DeliveryMode = settings.delivery.mode
+        self._unknown: UnknownEventPolicy = settings.delivery.unknown_event
+        self._cap = settings.delivery.max_in_flight_records
+        self._backoff = Backoff(settings.retry)
+        self._generation: dict[TopicPartition, int] = {}
+        self._assigned: set[TopicPartition] = set()
+        self._paused_for_load = False
+        self._currently_paused: set[TopicPartition] = set()
+        self._draining = False
+        self._halted = False
+        # partition -> (resume at, failed attempts): partitions waiting out a schema registry outage
+        self._decode_retry: dict[TopicPartition, tuple[float, int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rr-intake", daemon=True)
+        self.consumed = 0
+        self.last_poll = time.monotonic()
+
+    # --- control, from the loop ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop_fetching(self) -> None:
+        """Shutdown, first step: stop taking new records (keep serving stores and rebalances)."""
+        self._draining = True
+
+    def close(self, *, halted: bool = False) -> None:
+        """Shutdown, second step: commit what is settled, leave the group, end the thread."""
+        self._halted = halted
+        self._stop.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def assigned(self) -> frozenset[TopicPartition]:
+        return frozenset(self._assigned)
+
+    # --- the thread ----------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        error: BaseException | None = None
+        consumer: Consumer | None = None
+        try:
+            consumer = self._consumer_factory(consumer_config(self._settings))
+            consumer.subscribe(
+                [topic.name for topic in self._settings.topics],
+                on_assign=self._on_assign,
+                on_revoke=self._on_revoke,
+                on_lost=self._on_lost,
+            )
+            while not self._stop.is_set():
+                self._iteration(consumer)
+            self._store_positions(consumer)
+        except BaseException as exc:  # noqa: BLE001 - reported to the loop, which stops the service
+            error = exc
+        finally:
+            if consumer is not None:
+                self._close_consumer(consumer)
+            self._loop.call_soon_threadsafe(self._listener.on_intake_stopped, error)
+
+    def _iteration(self, consumer: Consumer) -> None:
+        self.last_poll = time.monotonic()
+        self._store_positions(consumer)
+        self._apply_pause(consumer)
+        messages = consumer.consume(num_messages=self._settings.kafka.consume_batch, timeout=POLL_TIMEOUT_S)
+        if messages:
+            records = self._prepare(consumer, messages)
+            if records:
+                self._loop.call_soon_threadsafe(self._listener.on_records, records)
+
+    def _close_consumer(self, consumer: Consumer) -> None:
+        # close() revokes every partition through _on_revoke, which commits each one's settled position.
+        try:
+            consumer.close()
+        except (KafkaException, RuntimeError) as exc:
+            log.warning("intake.close_failed", error=str(exc))
+
+    # --- records -------------------------------------------------------------------------------------
+
+    def _prepare(self, consumer: Consumer, messages: list[Message]) -> list[Record]:
+        records: list[Record] = []
+        retrying: set[TopicPartition] = set()
+        generation = self._generation
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                self._consume_error(error)
+                continue
+            # A message without an error always has its coordinates.
+            tp: TopicPartition = (message.topic(), message.partition())  # type: ignore[assignment]
+            offset: int = message.offset()  # type: ignore[assignment]
+            if tp in retrying:
+                continue  # an earlier record of this partition is waiting for the registry: re-read later
+            record = Record(tp, offset, generation.get(tp, 0), message.key(), message)
+            try:
+                self._decode_and_translate(record, message)
+            except RegistryUnavailable as exc:
+                retrying.add(tp)
+                self._retry_decode_later(consumer, tp, offset, exc)
+                continue
+            records.append(record)
+        self.consumed += len(records)
+        return records
+
+    def _decode_and_translate(self, record: Record, message: Message) -> None:
+        try:
+            event = self._decoders[record.tp[0]].decode(message.value())
+            calls = self._translator.translate(event)
+        except UnknownEventType as exc:
+            if self._unknown == "skip":
+                return  # no calls, no failure: it settles at once and is committed
+            record.failure = exc
+            return
+        except PermanentError as exc:
+            record.failure = exc
+            return
+        record.shop = calls[0].shop if calls else None
+        record.calls = calls
+        if self._mode == "batch":
+            record.payloads = [
+                b'{"' + call.method.encode() + b'":' + orjson.dumps(call.body) + b"}" for call in calls
+            ]
+        else:
+            record.payloads = [orjson.dumps(call.body) for call in calls]
+        if self._decode_retry:
+            self._decode_retry.pop(record.tp, None)
+
+    def _consume_error(self, error: KafkaError) -> None:
+        if error.fatal():
+            raise KafkaException(error)
+        log.warning("intake.consume_error", code=error.name(), reason=error.str())
+
+    def _retry_decode_later(
+        self, consumer: Consumer, tp: TopicPartition, offset: int, exc: RegistryUnavailable
+    ) -> None:
+        """The registry is down: rewind the partition to this record and pause it for a backoff."""
+        _, attempts = self._decode_retry.get(tp, (0.0, 0))
+        delay = self._backoff.delay(attempts + 1)
+        self._decode_retry[tp] = (time.monotonic() + delay, attempts + 1)
+        partition = KafkaTopicPartition(tp[0], tp[1], offset)
+        consumer.pause([partition])
+        consumer.seek(partition)
+        log.warning(
+            "intake.registry_unavailable",
+            topic=tp[0],
+            partition=tp[1],
+            offset=offset,
+            attempt=attempts + 1,
+            retry_in=round(delay, 2),
+            reason=str(exc),
+        )
+
+    # --- pause, resume, offsets ----------------------------------------------------------------------
+
+    def _apply_pause(self, consumer: Consumer) -> None:
+        in_flight = self._ledger.in_flight
+        if not self._paused_for_load and (in_flight >= self._cap or self._draining):
+            self._paused_for_load = True
+            log.debug("intake.paused", in_flight=in_flight)
+        elif self._paused_for_load and in_flight <= self._cap // 2 and not self._draining:
+            self._paused_for_load = False
+            log.debug("intake.resumed", in_flight=in_flight)
+        now = time.monotonic()
+        wanted_paused = (
+            set(self._assigned)
+            if self._paused_for_load
+            else {tp for tp, (resume_at, _) in self._decode_retry.items() if resume_at > now}
+        )
+        current = self._currently_paused
+        if wanted_paused != current:
+            to_pause = wanted_paused - current
+            to_resume = (current - wanted_paused) & self._assigned
+            if to_pause:
+                consumer.pause([KafkaTopicPartition(t, p) for t, p in to_pause])
+            if to_resume:
+                consumer.resume([KafkaTopicPartition(t, p) for t, p in to_resume])
+            self._currently_paused = wanted_paused & self._assigned
+
+    def _store_positions(self, consumer: Consumer) -> None:
+        positions = self._ledger.take_positions()
+        if not positions:
+            return
+        offsets = [
+            KafkaTopicPartition(tp[0], tp[1], offset)
+            for tp, (generation, offset) in positions.items()
+            if tp in self._assigned and self._generation.get(tp) == generation
+        ]
+        if offsets:
+            try:
+                consumer.store_offsets(offsets=offsets)
+            except KafkaException as exc:
+                # A partition revoked between the loop's settle and this store: its final position was
+                # committed by the revoke already.
+                log.debug("intake.store_skipped", reason=str(exc))
+
+    # --- rebalance callbacks (run inside consume()/close() on this thread) ---------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
+        assigned = []
+        for partition in partitions:
+            tp = (partition.topic, partition.partition)
+            self._generation[tp] = self._generation.get(tp, 0) + 1
+            self._assigned.add(tp)
+            assigned.append((tp, self._generation[tp]))
+        # The loop learns of the assignment before any record of it: both go through the same FIFO.
+        self._loop.call_soon_threadsafe(self._listener.on_assigned, assigned)
+        self._currently_paused = self._currently_paused - {tp for tp, _ in assigned}
+        log.info("intake.assigned", partitions=_names(partitions))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
+        tps = [(p.topic, p.partition) for p in partitions]
+        grace = 0.0 if self._halted else self._settings.delivery.revoke_grace_s
+        future = asyncio.run_coroutine_threadsafe(self._listener.release(tps, grace), self._loop)
+        try:
+            positions = future.result(timeout=grace + 5.0)
+        except (FutureTimeout, RuntimeError, asyncio.CancelledError) as exc:
+            log.error("intake.release_failed", partitions=_names(partitions), error=repr(exc))
+            positions = {}
+        self._forget(tps)
+        offsets = [KafkaTopicPartition(t, p, pos) for (t, p), pos in positions.items() if pos is not None]
+        if offsets:
+            try:
+                consumer.commit(offsets=offsets, asynchronous=False)
+            except KafkaException as exc:
+                log.error("intake.revoke_commit_failed", partitions=_names(partitions), error=str(exc))
+        log.info(
+            "intake.revoked",
+            partitions=_names(partitions),
+            committed={f"{t}[{p}]": pos for (t, p), pos in positions.items()},
+        )
+
+    def _on_lost(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
+        tps = [(p.topic, p.partition) for p in partitions]
+        self._forget(tps)
+        # Another member may own these already: nothing of them is committed from here.
+        self._loop.call_soon_threadsafe(self._listener.on_lost, tps)
+        log.warning("intake.lost", partitions=_names(partitions))
+
+    def _forget(self, tps: list[TopicPartition]) -> None:
+        for tp in tps:
+            self._assigned.discard(tp)
+            self._decode_retry.pop(tp, None)
+        self._currently_paused = self._currently_paused - set(tps)
+
+
+def _names(partitions: list[KafkaTopicPartition]) -> list[str]:
+    return [f"{p.topic}[{p.partition}]" for p in partitions]

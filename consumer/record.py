@@ -1,0 +1,75 @@
+"""The unit of work that travels the flow: one Kafka record and the tracking calls it implies.
+
+As in arroyo, the record's coordinates (topic, partition, offset and the assignment generation it was read
+under) ride along with the data to settlement, so only the settle stage decides what may be committed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from consumer.contract import TrackingCall
+from consumer.errors import PermanentError
+
+TopicPartition = tuple[str, int]
+
+
+class KafkaMessage(Protocol):
+    """What the flow needs of ``confluent_kafka.Message`` (which cannot be built in Python)."""
+
+    def topic(self) -> str | None: ...
+    def partition(self) -> int | None: ...
+    def offset(self) -> int | None: ...
+    def key(self) -> bytes | None: ...
+    def value(self) -> bytes | None: ...
+    def headers(self) -> list[tuple[str, str | bytes | None]] | dict[str, str | bytes | None] | None: ...
+    def timestamp(self) -> tuple[int, int]: ...
+
+
+@dataclass(slots=True, eq=False)
+class CallFailure:
+    """A call of a record that got a permanent answer."""
+
+    index: int
+    method: str
+    status: int | None
+    reason: str
+
+
+@dataclass(slots=True, eq=False)
+class Record:
+    """One consumed record on its way to settlement.
+
+    ``calls[i]`` is sent as ``payloads[i]``: the call's JSON, encoded once on the intake thread (as a
+    ``visitorEvents`` envelope in batch mode, as the bare body in single mode).
+    """
+
+    tp: TopicPartition
+    offset: int
+    generation: int
+    key: bytes | None
+    message: KafkaMessage
+    shop: str | None = None
+    calls: list[TrackingCall] = field(default_factory=list)
+    payloads: list[bytes] = field(default_factory=list)
+    #: Set when decode or translate failed: the record goes straight to the dead-letter topic.
+    failure: PermanentError | None = None
+    #: Calls that got a permanent answer; every other call was delivered.
+    failed_calls: list[CallFailure] = field(default_factory=list)
+    #: Indices of calls already delivered (a re-driven order sends only what failed).
+    skip_calls: frozenset[int] = frozenset()
+    attempts: int = 0
+    first_failure: float | None = None
+    last_failure: float | None = None
+    consumed_at: float = 0.0
+
+    @property
+    def size(self) -> int:
+        return sum(len(p) for p in self.payloads)
+
+    def note_failure(self, now: float) -> None:
+        self.attempts += 1
+        if self.first_failure is None:
+            self.first_failure = now
+        self.last_failure = now

@@ -1,0 +1,355 @@
+"""The relay service: wires the stages together and runs them until SIGTERM/SIGINT.
+
+::
+
+    intake thread                    event loop
+    ─────────────                    ──────────
+    consume ─► decode ─► translate ─► ledger.track ─► Dispatcher ─► done ─► settle ─► (positions) ─► store
+                                                                        └─► dead-letter ─► settle
+
+Settlement decides commits: a record is settled when every call it implied was delivered, or when it was
+confirmed written to the dead-letter topic. The intake thread stores settled positions, librdkafka commits
+them; revokes and shutdown commit synchronously.
+
+Shutdown (SIGTERM): stop fetching, seal open batches, let in-flight records settle within
+``delivery.shutdown_grace_s``, commit, leave the group, exit 0. A tripped dead-letter guard exits 3 without
+waiting and without committing the records it stopped on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Mapping
+from typing import Any, Final
+
+import structlog
+
+from consumer import __version__
+from consumer.config import RelayConfig
+from consumer.deadletter import DeadLetterWriter
+from consumer.decode import Decoder, build_decoder, registry_client
+from consumer.deliver import Dispatcher
+from consumer.guard import SHOP_WIDE_STATUSES, DeadLetterGuard
+from consumer.intake import Intake
+from consumer.record import Record, TopicPartition
+from consumer.retry import Backoff
+from consumer.settle import OffsetLedger
+from consumer.tracking import TrackingClient
+from consumer.translate import Translator
+
+log = structlog.get_logger(__name__)
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_HALTED: Final = 3
+#: How often a draining revoke or shutdown looks at the in-flight count.
+DRAIN_POLL_S: Final = 0.01
+PROGRESS_EVERY_S: Final = 5.0
+
+
+def build_decoders(config: RelayConfig) -> dict[str, Decoder]:
+    settings = config.settings
+    registry = None
+    if settings.schema_registry.url:
+        extra: dict[str, Any] = {}
+        if config.schema_registry_auth is not None:
+            extra["basic.auth.user.info"] = config.schema_registry_auth.get_secret_value()
+        registry = registry_client(
+            settings.schema_registry.url, timeout=settings.schema_registry.timeout_s, extra=extra
+        )
+    return {
+        topic.name: build_decoder(
+            topic.format,
+            registry=registry if topic.format == "confluent-avro" else None,
+            record_name=topic.record_name,
+            schemas_dir=settings.schemas_dir,
+        )
+        for topic in settings.topics
+    }
+
+
+def kafka_client_config(config: RelayConfig) -> dict[str, Any]:
+    kafka = config.settings.kafka
+    # Consumer-only settings must not reach the producer (librdkafka warns about every one of them).
+    common = {k: v for k, v in kafka.client.items() if not k.startswith(("auto.", "group.", "session."))}
+    return {**common, "bootstrap.servers": kafka.bootstrap_servers}
+
+
+class Relay:
+    """One process of the relay: a member of the consumer group delivering to the tracking API."""
+
+    def __init__(self, config: RelayConfig) -> None:
+        self.config = config
+        settings = config.settings
+        self.ledger = OffsetLedger()
+        self.guard = DeadLetterGuard(settings.dead_letter)
+        self._dlq_topics: Mapping[str, str] = {t.name: t.dlq for t in settings.topics}
+        self._suspects: dict[str, list[Record]] = {}
+        self._stopping: asyncio.Event | None = None
+        self._halt_reason: str | None = None
+        self._intake_error: BaseException | None = None
+        self._intake_stopped: asyncio.Future[None] | None = None
+        self.delivered = 0
+        self.dead_lettered = 0
+        self.started_at = time.monotonic()
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run until stopped; return the process exit status."""
+        loop = asyncio.get_running_loop()
+        settings = self.config.settings
+        self._stopping = asyncio.Event()
+        self._intake_stopped = loop.create_future()
+        decoders = build_decoders(self.config)
+        translator = Translator(self.config.shops, settings.delivery.default_shop)
+        self.client = TrackingClient(settings.tracking, self.config.shops)
+        await self.client.start()
+        self.dlq = DeadLetterWriter(
+            kafka_client_config(self.config),
+            self._dlq_topics.__getitem__,
+            loop,
+            on_written=self._dead_letter_written,
+            on_failed=self._dead_letter_failed,
+        )
+        self.backoff = Backoff(settings.retry)
+        self.dispatcher = Dispatcher(
+            self.client,
+            settings.delivery,
+            settings.tracking,
+            self.backoff,
+            done=self._on_done,
+            owns=self.ledger.owns,
+        )
+        self.dispatcher.start()
+        self.intake = Intake(settings, decoders, translator, self.ledger, self, loop)
+        self._install_signals(loop)
+        self.intake.start()
+        progress = asyncio.create_task(self._report_progress())
+        log.info(
+            "relay.started",
+            version=__version__,
+            group=settings.kafka.group_id,
+            topics=[t.name for t in settings.topics],
+            mode=settings.delivery.mode,
+            ordering=settings.delivery.ordering,
+        )
+        try:
+            await self._stopping.wait()
+            await self._shutdown()
+        finally:
+            progress.cancel()
+            await self.dispatcher.close()
+            await self.client.close()
+            unconfirmed = self.dlq.close()
+            if unconfirmed:
+                log.warning("relay.dead_letters_unconfirmed", count=unconfirmed)
+        return self._exit_status()
+
+    def request_stop(self) -> None:
+        if self._stopping is not None and not self._stopping.is_set():
+            log.info("relay.stopping", in_flight=self.ledger.in_flight)
+            self._stopping.set()
+
+    async def _shutdown(self) -> None:
+        halted = self._halt_reason is not None
+        self.intake.stop_fetching()
+        self.dispatcher.flush()
+        if not halted and self._intake_error is None:
+            await self._drain(
+                lambda: self.ledger.in_flight - self._suspect_count(),
+                self.config.settings.delivery.shutdown_grace_s,
+            )
+        self.intake.close(halted=halted)
+        assert self._intake_stopped is not None
+        await self._intake_stopped
+        log.info(
+            "relay.stopped",
+            delivered=self.delivered,
+            dead_lettered=self.dead_lettered,
+            unsettled=self.ledger.in_flight,
+        )
+
+    async def _drain(self, remaining: Any, grace_s: float) -> None:
+        deadline = time.monotonic() + grace_s
+        while remaining() > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+
+    def _exit_status(self) -> int:
+        if self._halt_reason is not None:
+            log.error("relay.halted", reason=self._halt_reason)
+            return EXIT_HALTED
+        if self._intake_error is not None:
+            log.error("relay.failed", error=str(self._intake_error))
+            return EXIT_FAILED
+        return EXIT_OK
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.request_stop)
+
+    # --- what the intake thread asks (IntakeListener) ------------------------------------------------
+
+    def on_records(self, records: list[Record]) -> None:
+        if self._halt_reason is not None:
+            return  # halted: nothing new is taken, so nothing past the halt is committed
+        self.dispatcher.submit(self.ledger.track(records))
+
+    def on_assigned(self, partitions: list[tuple[TopicPartition, int]]) -> None:
+        for tp, generation in partitions:
+            self.ledger.assign(tp, generation)
+
+    def on_lost(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self.ledger.release(tp)
+            self._drop_suspects(tp)
+
+    async def release(
+        self, partitions: list[TopicPartition], grace_s: float
+    ) -> dict[TopicPartition, int | None]:
+        """A revoke: the partitions' in-flight records get ``grace_s`` to settle; return their positions."""
+        self.dispatcher.flush()
+        await self._drain(lambda: sum(self.ledger.in_flight_for(tp) for tp in partitions), grace_s)
+        positions = {}
+        for tp in partitions:
+            positions[tp] = self.ledger.release(tp)
+            self._drop_suspects(tp)
+        return positions
+
+    def on_intake_stopped(self, error: BaseException | None) -> None:
+        if error is not None:
+            self._intake_error = error
+            log.error("relay.intake_failed", error=repr(error))
+        assert self._intake_stopped is not None
+        assert self._stopping is not None
+        if not self._intake_stopped.done():
+            self._intake_stopped.set_result(None)
+        self._stopping.set()
+
+    # --- settle --------------------------------------------------------------------------------------
+
+    def _on_done(self, record: Record) -> None:
+        """The dispatcher is finished with a record: settle it, dead-letter it, or hold it as a suspect."""
+        if record.failure is None and not record.failed_calls:
+            if self.ledger.settle(record):
+                self.delivered += 1
+                self.guard.note(False)
+            if self._suspects and record.calls and record.shop in self._suspects:
+                self._acquit_shop(record.shop)
+            return
+        if (
+            record.failure is None
+            and record.shop is not None
+            and all(failure.status in SHOP_WIDE_STATUSES for failure in record.failed_calls)
+        ):
+            self._hold_suspect(record.shop, record)
+            return
+        self._dead_letter(record)
+
+    def _dead_letter(self, record: Record, *, counted: bool = False) -> None:
+        if not self.ledger.owns(record) or self._halt_reason is not None:
+            return
+        if not counted:
+            if self.guard.would_trip():
+                self._halt(
+                    f"{self.guard.ratio:.0%} of the most recent records were dead-lettered "
+                    f"(last: {_describe_failure(record)})"
+                )
+                return
+            self.guard.note(True)
+        self.dlq.send(record)
+
+    def _dead_letter_written(self, record: Record) -> None:
+        if self.ledger.settle(record):
+            self.dead_lettered += 1
+            log.info(
+                "relay.dead_lettered",
+                topic=record.tp[0],
+                partition=record.tp[1],
+                offset=record.offset,
+                shop=record.shop,
+                reason=_describe_failure(record),
+            )
+
+    def _dead_letter_failed(self, record: Record, reason: str) -> None:
+        """The dead-letter topic refused the record: keep it unsettled and try again after a backoff."""
+        record.note_failure(time.time())
+        delay = self.backoff.delay(record.attempts)
+        log.warning(
+            "relay.dead_letter_write_failed",
+            topic=record.tp[0],
+            partition=record.tp[1],
+            offset=record.offset,
+            reason=reason,
+            retry_in=round(delay, 2),
+        )
+        asyncio.get_running_loop().call_later(delay, lambda: self._dead_letter(record, counted=True))
+
+    # --- suspects: records that failed for a reason that indicts the shop --------------------------
+
+    def _hold_suspect(self, shop: str, record: Record) -> None:
+        if self.guard.would_trip():
+            status = record.failed_calls[0].status
+            self._halt(
+                f"shop {shop!r} answers HTTP {status} to every call: its apiKey/partnerId is wrong, "
+                "revoked or disabled; nothing from the first failing record on was committed"
+            )
+            return
+        self.guard.note(True)
+        self._suspects.setdefault(shop, []).append(record)
+
+    def _acquit_shop(self, shop: str) -> None:
+        """A call of the shop succeeded: its credentials work, so its suspects failed on their own."""
+        for record in self._suspects.pop(shop, []):
+            self._dead_letter(record, counted=True)
+
+    def _drop_suspects(self, tp: TopicPartition) -> None:
+        for shop, records in list(self._suspects.items()):
+            kept = [r for r in records if r.tp != tp]
+            if kept:
+                self._suspects[shop] = kept
+            else:
+                del self._suspects[shop]
+
+    def _suspect_count(self) -> int:
+        return sum(len(records) for records in self._suspects.values())
+
+    def _halt(self, reason: str) -> None:
+        if self._halt_reason is None:
+            self._halt_reason = reason
+            log.error("relay.dead_letter_guard_tripped", reason=reason)
+            self.request_stop()
+
+    # --- progress ------------------------------------------------------------------------------------
+
+    async def _report_progress(self) -> None:
+        last_delivered, last_time = 0, time.monotonic()
+        while True:
+            await asyncio.sleep(PROGRESS_EVERY_S)
+            now = time.monotonic()
+            rate = (self.delivered - last_delivered) / (now - last_time)
+            last_delivered, last_time = self.delivered, now
+            log.info(
+                "relay.progress",
+                consumed=self.intake.consumed,
+                delivered=self.delivered,
+                dead_lettered=self.dead_lettered,
+                in_flight=self.ledger.in_flight,
+                records_per_s=round(rate, 1),
+                retries=self.dispatcher.retries,
+                partitions=len(self.intake.assigned),
+            )
+
+
+def _describe_failure(record: Record) -> str:
+    if record.failure is not None:
+        return f"{record.failure.stage}: {record.failure.reason}"
+    failure = record.failed_calls[0]
+    return f"deliver: {failure.method} {failure.reason}"
+
+
+def run(config: RelayConfig) -> int:
+    """Run the relay in a fresh event loop; return its exit status."""
+    return asyncio.run(Relay(config).run())

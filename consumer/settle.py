@@ -1,0 +1,128 @@
+"""Settle: the offset ledger that decides what may be committed.
+
+Records settle out of order (different visitors finish at different times). Per partition the ledger keeps
+the offsets still in flight, in consumption order; the committable position is always the first unsettled
+offset (or the last settled + 1 when nothing is in flight), so a commit never passes a record that is not
+yet delivered or safely dead-lettered.
+
+Each assignment of a partition gets a new *generation*. A settlement carrying an older generation — a
+completion that arrives after its partition was revoked, even if the partition came back since — is
+dropped, never committed.
+
+All methods run on the event loop thread; the intake thread reads :attr:`in_flight` (an int, safe to read
+under the GIL) and takes the positions to store with :meth:`take_positions` (under a lock).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+from consumer.record import Record, TopicPartition
+
+
+class PartitionLedger:
+    """The in-flight offsets of one partition under one generation."""
+
+    __slots__ = ("done", "generation", "last_settled", "pending")
+
+    def __init__(self, generation: int) -> None:
+        self.generation = generation
+        self.pending: deque[int] = deque()
+        self.done: set[int] = set()
+        self.last_settled: int | None = None
+
+    def track(self, offset: int) -> None:
+        self.pending.append(offset)
+
+    def settle(self, offset: int) -> int | None:
+        """Mark ``offset`` settled; return the new committable position if it moved."""
+        pending = self.pending
+        if not pending or offset != pending[0]:
+            self.done.add(offset)
+            return None
+        pending.popleft()
+        self.last_settled = offset
+        done = self.done
+        while pending and pending[0] in done:
+            self.last_settled = pending.popleft()
+            done.discard(self.last_settled)
+        return self.position()
+
+    def position(self) -> int | None:
+        """The offset to commit: the first unsettled one, or last settled + 1; None before any record."""
+        if self.pending:
+            return self.pending[0]
+        return None if self.last_settled is None else self.last_settled + 1
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+
+class OffsetLedger:
+    """All partitions this process owns, and the positions waiting to be stored for commit."""
+
+    def __init__(self) -> None:
+        self._partitions: dict[TopicPartition, PartitionLedger] = {}
+        self._positions: dict[TopicPartition, tuple[int, int]] = {}
+        self._lock = threading.Lock()
+        self.in_flight = 0
+
+    # --- assignment (driven by the intake thread's rebalance callbacks, run here on the loop) -------
+
+    def assign(self, tp: TopicPartition, generation: int) -> None:
+        self._partitions[tp] = PartitionLedger(generation)
+
+    def release(self, tp: TopicPartition) -> int | None:
+        """Forget a revoked or lost partition; return its committable position (None: nothing settled)."""
+        ledger = self._partitions.pop(tp, None)
+        if ledger is None:
+            return None
+        self.in_flight -= len(ledger)
+        with self._lock:
+            self._positions.pop(tp, None)
+        return ledger.position()
+
+    def owns(self, record: Record) -> bool:
+        ledger = self._partitions.get(record.tp)
+        return ledger is not None and ledger.generation == record.generation
+
+    def in_flight_for(self, tp: TopicPartition) -> int:
+        ledger = self._partitions.get(tp)
+        return 0 if ledger is None else len(ledger)
+
+    def assigned(self) -> list[TopicPartition]:
+        return list(self._partitions)
+
+    # --- the flow ---------------------------------------------------------------------------------------
+
+    def track(self, records: list[Record]) -> list[Record]:
+        """Start tracking freshly consumed records; return those whose partition is still ours."""
+        kept = []
+        partitions = self._partitions
+        for record in records:
+            ledger = partitions.get(record.tp)
+            if ledger is None or ledger.generation != record.generation:
+                continue  # read before a revoke that has since happened: the next owner reads it again
+            ledger.track(record.offset)
+            kept.append(record)
+        self.in_flight += len(kept)
+        return kept
+
+    def settle(self, record: Record) -> bool:
+        """Mark a record settled. False when its partition is no longer ours (the completion is dropped)."""
+        ledger = self._partitions.get(record.tp)
+        if ledger is None or ledger.generation != record.generation:
+            return False
+        self.in_flight -= 1
+        position = ledger.settle(record.offset)
+        if position is not None:
+            with self._lock:
+                self._positions[record.tp] = (ledger.generation, position)
+        return True
+
+    def take_positions(self) -> dict[TopicPartition, tuple[int, int]]:
+        """Positions settled since the last call, as ``{tp: (generation, offset)}`` (intake thread)."""
+        with self._lock:
+            positions, self._positions = self._positions, {}
+        return positions
