@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import contextlib
 import dataclasses
 import json
 import math
@@ -711,7 +712,8 @@ class EmulatorThread:
         loop, thread = self._loop, self._thread
         if loop is None or thread is None or not thread.is_alive():
             return
-        loop.call_soon_threadsafe(loop.stop)
+        with contextlib.suppress(RuntimeError):  # the loop closed already (a failed start): nothing to stop
+            loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout)
 
     def __enter__(self) -> EmulatorThread:

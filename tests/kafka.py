@@ -47,7 +47,10 @@ class Topics:
         self.created: list[str] = []
 
     def create(self, prefix: str, partitions: int = 1, config: dict[str, str] | None = None) -> str:
-        name = unique_name(prefix)
+        """A fresh topic whose name starts with ``prefix``."""
+        return self.create_named(unique_name(prefix), partitions, config)
+
+    def create_named(self, name: str, partitions: int = 1, config: dict[str, str] | None = None) -> str:
         futures = self.admin.create_topics(
             [NewTopic(name, num_partitions=partitions, replication_factor=1, config=config or {})],
             operation_timeout=30,

@@ -1,0 +1,233 @@
+"""Helpers for end-to-end tests: the relay as its own process, its configuration, and the expected calls."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from pydantic import SecretStr
+
+from consumer.config import ShopConfig
+from consumer.decode import DomainEvent
+from consumer.sample import TrafficGenerator, build_encoder
+from consumer.translate import Translator
+from tests.kafka import produce, wait_for
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Shop key in the relay's configuration -> (partnerId, apiKey) known to the emulator.
+SHOPS: Mapping[str, tuple[str, str]] = {
+    "demo": ("p-demo", "k-demo-secret-1"),
+    "other": ("p-other", "k-other-2"),
+}
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return orjson.dumps(value).decode()
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{toml_value(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
+    return str(value)
+
+
+def write_config(
+    path: Path,
+    *,
+    bootstrap: str,
+    topics: Iterable[str],
+    group: str,
+    emulator_url: str,
+    registry_url: str | None = None,
+    fmt: str = "confluent-avro",
+    shops: Iterable[str] = ("demo", "other"),
+    sections: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Path:
+    """A relay configuration for a test: the given topics, shops and any extra settings per section."""
+    extra = {name: dict(values) for name, values in (sections or {}).items()}
+    kafka = {
+        "bootstrap_servers": bootstrap,
+        "group_id": group,
+        "commit_interval_ms": 200,
+        # A killed member is noticed after this long (the broker's minimum), not librdkafka's 45 s.
+        "client": {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000},
+        **extra.pop("kafka", {}),
+    }
+    tracking = {"base_url": emulator_url, **extra.pop("tracking", {})}
+    lines = [_table("kafka", kafka), _table("tracking", tracking)]
+    for topic in topics:
+        lines.append(f'[[topics]]\nname = "{topic}"\nformat = "{fmt}"\n')
+    if registry_url:
+        lines.append(f'[schema_registry]\nurl = "{registry_url}"\n')
+    for shop in shops:
+        lines.append(f'[shops.{shop}]\npartner_id = "{SHOPS[shop][0]}"\nrate_limit = 100000\n')
+    for name, values in extra.items():
+        lines.append(_table(name, values))
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _table(name: str, values: Mapping[str, Any]) -> str:
+    return f"[{name}]\n" + "".join(f"{key} = {toml_value(value)}\n" for key, value in values.items())
+
+
+def relay_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RR_")}
+    env.update({f"RR_API_KEY_{shop.upper()}": key for shop, (_, key) in SHOPS.items()})
+    env["RR_OBSERVABILITY__LOG_FORMAT"] = "json"
+    env.update(extra)
+    return env
+
+
+@dataclass
+class RelayProcess:
+    """``rr-consumer run`` as a child process, its output kept in a file."""
+
+    config: Path
+    log: Path
+    env: dict[str, str] = field(default_factory=relay_env)
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RelayProcess:
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "consumer", "run", "--config", str(self.config)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=ROOT,
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def terminate(self, timeout_s: float = 60) -> int:
+        """SIGTERM and wait for the exit status."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout_s)
+
+    def kill(self) -> None:
+        """kill -9: no drain, no commit, no goodbye."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+
+    def wait_exit(self, timeout_s: float = 60) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout_s)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def log_events(self, event: str) -> list[dict[str, Any]]:
+        found = []
+        for line in self.output().splitlines():
+            if f'"{event}"' in line:
+                try:
+                    found.append(orjson.loads(line))
+                except orjson.JSONDecodeError:
+                    continue
+        return found
+
+    def cleanup(self) -> None:
+        if self.running():
+            self.kill()
+
+
+def test_shops() -> dict[str, ShopConfig]:
+    return {name: ShopConfig(partner_id=pid, api_key=SecretStr(key)) for name, (pid, key) in SHOPS.items()}
+
+
+test_shops.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
+
+
+@dataclass
+class Traffic:
+    """Generated events, their encoded records, and the calls the contract says they imply."""
+
+    events: list[tuple[str, dict[str, Any]]]
+    records: list[tuple[bytes, bytes]]
+    expected: Counter[tuple[str, str, bytes]]
+    expected_by_session: dict[str, list[tuple[str, bytes]]]
+
+
+def generate(
+    count: int,
+    *,
+    registry: Any = None,
+    fmt: str = "confluent-avro",
+    seed: int = 7,
+    visitors: int = 2000,
+    shops: Iterable[str] = ("demo", "other"),
+) -> Traffic:
+    generator = TrafficGenerator(seed=seed, shops=list(shops), visitors=visitors, now_ms=1_700_000_000_000)
+    encoder = build_encoder(fmt, registry=registry)  # type: ignore[arg-type]
+    translator = Translator(test_shops())
+    events = list(generator.events(count))
+    records = [(fields["sessionId"].encode(), encoder.encode(name, fields)) for name, fields in events]
+    expected: Counter[tuple[str, str, bytes]] = Counter()
+    by_session: dict[str, list[tuple[str, bytes]]] = {}
+    for name, fields in events:
+        for call in translator.translate(DomainEvent(name, fields)):
+            body = canonical(call.body)
+            expected[(SHOPS[call.shop][0], call.method, body)] += 1
+            by_session.setdefault(call.body["sessionExternalId"], []).append((call.method, body))
+    return Traffic(events, records, expected, by_session)
+
+
+def canonical(body: Any) -> bytes:
+    return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+
+
+def received(emulator: Any) -> Counter[tuple[str, str, bytes]]:
+    return Counter((e["partnerId"], e["method"], canonical(e["body"])) for e in emulator.events())
+
+
+def wait_delivered(
+    emulator: Any,
+    expected: Counter[tuple[str, str, bytes]],
+    *,
+    deadline_s: float = 120,
+    relays: Iterable[RelayProcess] = (),
+) -> Counter[tuple[str, str, bytes]]:
+    """Wait until every expected call reached the emulator; fail early if a relay died."""
+    total = sum(expected.values())
+
+    def arrived() -> Counter[tuple[str, str, bytes]] | None:
+        for relay in relays:
+            if relay.process is not None and relay.process.poll() not in (None, 0):
+                raise AssertionError(
+                    f"relay exited with {relay.process.returncode}:\n{relay.output()[-3000:]}"
+                )
+        if emulator.counters["events_accepted"] < total:
+            return None
+        got = received(emulator)
+        return got if not expected - got else None
+
+    result = wait_for(arrived, deadline_s=deadline_s, what=f"{total} calls at the emulator", interval_s=0.2)
+    assert result is not None
+    return result
+
+
+def produce_traffic(bootstrap: str, topic: str, traffic: Traffic) -> int:
+    return produce(bootstrap, topic, traffic.records)
+
+
+def elapsed(start: float) -> float:
+    return time.monotonic() - start
