@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_run, _add_config, _add_emulator):
+    for add in (_add_run, _add_config, _add_emulator, _add_produce_sample):
         add(commands)
     return parser
 
@@ -163,6 +163,57 @@ def _add_emulator(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         from consumer import emulator
 
         return emulator.run_command(args)
+
+    parser.set_defaults(handler=run)
+
+
+def _add_produce_sample(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "produce-sample",
+        help="produce realistic shop traffic to a topic",
+        description="Produce generated shop events (views, searches, category views, basket adds, orders, "
+        "in the mix of Retail Rocket's public e-commerce data set), keyed by visitor.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  rr-consumer produce-sample --topic shop.events --registry-url http://127.0.0.1:8081 --rate 200\n"
+        "  rr-consumer produce-sample --topic shop.json --format json --count 10000",
+    )
+    parser.add_argument("--bootstrap-servers", default="127.0.0.1:9092", help="(default: %(default)s)")
+    parser.add_argument("--topic", required=True)
+    parser.add_argument("--format", choices=("confluent-avro", "avro", "json"), default="confluent-avro")
+    parser.add_argument("--registry-url", help="schema registry, for --format confluent-avro")
+    parser.add_argument("--count", type=int, help="stop after this many events (default: run until Ctrl-C)")
+    parser.add_argument("--rate", type=float, help="events per second (default: as fast as possible)")
+    parser.add_argument("--shop", action="append", help="shop id of the events (repeatable; default: demo)")
+    parser.add_argument(
+        "--visitors", type=int, default=100_000, help="distinct visitors (default: %(default)s)"
+    )
+    parser.add_argument("--seed", type=int, default=1)
+
+    def run(args: argparse.Namespace) -> int:
+        from consumer.sample_producer import produce_sample
+
+        if args.format == "confluent-avro" and not args.registry_url:
+            print(
+                "rr-consumer: produce-sample: --format confluent-avro needs --registry-url", file=sys.stderr
+            )
+            return 2
+        try:
+            produced = produce_sample(
+                args.bootstrap_servers,
+                args.topic,
+                count=args.count,
+                rate=args.rate,
+                fmt=args.format,
+                registry_url=args.registry_url,
+                shops=args.shop or ["demo"],
+                seed=args.seed,
+                visitors=args.visitors,
+            )
+        except KeyboardInterrupt:
+            return 0
+        print(f"produced {produced} events to {args.topic}")
+        return 0
 
     parser.set_defaults(handler=run)
 
