@@ -140,6 +140,11 @@ class RetryConfig(_Frozen):
     cap_s: float = Field(default=30.0, gt=0)
     #: Give up on a transient failure (dead-letter it) after this long; unset retries for as long as it takes.
     max_age_s: float | None = Field(default=None, gt=0)
+    #: Transient failures in a row that open a shop's circuit breaker.
+    breaker_threshold: int = Field(default=5, ge=1)
+    #: While open, one probe call goes after this long, doubling up to breaker_probe_cap_s.
+    breaker_probe_base_s: float = Field(default=1.0, gt=0)
+    breaker_probe_cap_s: float = Field(default=30.0, gt=0)
 
 
 class DeadLetterConfig(_Frozen):
@@ -149,6 +154,8 @@ class DeadLetterConfig(_Frozen):
     window_records: int = Field(default=200, ge=1)
     #: ... once at least this many were dead-lettered in the window (a few bad records never halt).
     min_dead_lettered: int = Field(default=50, ge=1)
+    #: How long one write to the dead-letter topic may take before it is retried (the record stays unsettled).
+    write_timeout_s: float = Field(default=30.0, gt=0)
 
 
 class ObservabilityConfig(_Frozen):

@@ -61,7 +61,8 @@ def failure_headers(record: Record, now: float | None = None) -> list[tuple[str,
         )
     else:
         first = record.failed_calls[0]
-        stage, error_class, message = "deliver", "Permanent", first.reason
+        error_class = "TranslateError" if first.stage == "translate" else "Permanent"
+        stage, message = first.stage, first.reason
     first_failure = record.first_failure or now or time.time()
     last_failure = record.last_failure or first_failure
     headers: list[tuple[str, bytes]] = [
@@ -86,7 +87,13 @@ def failure_headers(record: Record, now: float | None = None) -> list[tuple[str,
                 PREFIX + "calls.failed",
                 orjson.dumps(
                     [
-                        {"index": f.index, "method": f.method, "status": f.status, "reason": f.reason}
+                        {
+                            "index": f.index,
+                            "method": f.method,
+                            "status": f.status,
+                            "reason": f.reason,
+                            "stage": f.stage,
+                        }
                         for f in record.failed_calls
                     ]
                 ),
@@ -109,6 +116,7 @@ class DeadLetterWriter:
         topic_for: Callable[[str], str],
         loop: asyncio.AbstractEventLoop,
         *,
+        write_timeout_s: float,
         on_written: Callable[[Record], None],
         on_failed: Callable[[Record, str], None],
     ) -> None:
@@ -119,7 +127,7 @@ class DeadLetterWriter:
                 "acks": "all",
                 "linger.ms": 5,
                 # A dead-letter topic that cannot be written must come back as a failure, not hang for 5 min.
-                "message.timeout.ms": 30_000,
+                "message.timeout.ms": int(write_timeout_s * 1000),
             }
         )
         self._topic_for = topic_for

@@ -27,12 +27,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping
 from typing import Final
 
 import orjson
 import structlog
 
+from consumer.breaker import CircuitBreaker
 from consumer.config import DeliveryConfig, TrackingConfig
 from consumer.contract import BATCH_METHOD
 from consumer.record import CallFailure, Record
@@ -71,9 +72,16 @@ class _Caller:
     """One call with retries: the part both modes share."""
 
     def __init__(
-        self, client: TrackingClient, backoff: Backoff, owns: Owns, clock: Clock, sleep: Sleep
+        self,
+        client: TrackingClient,
+        backoff: Backoff,
+        breakers: Mapping[str, CircuitBreaker],
+        owns: Owns,
+        clock: Clock,
+        sleep: Sleep,
     ) -> None:
         self.client = client
+        self.breakers = breakers
         self.backoff = backoff
         self.owns = owns
         self.clock = clock
@@ -84,8 +92,11 @@ class _Caller:
         self, shop: str, method: str, payload: bytes, timeout: float, records: list[Record]
     ) -> Outcome | None:
         """Send until the answer is final. ``None`` when every record was revoked meanwhile."""
+        breaker = self.breakers[shop]
         while True:
+            probe = await breaker.admit()
             outcome = await self.client.send_raw(shop, method, payload, timeout=timeout)
+            breaker.record(type(outcome) is Transient, probe)
             if type(outcome) is not Transient:
                 return outcome
             wall = time.time()  # failure times are reported (dead-letter headers): wall clock
@@ -113,10 +124,14 @@ class _Caller:
             if not any(self.owns(record) for record in records):
                 return None  # the partitions were revoked while we waited; the next owner sends them
 
-    async def deliver_singly(self, record: Record, timeout: float) -> None:
-        """Send a record's calls one by one, in order; permanent answers are noted on the record."""
-        for index, call in enumerate(record.calls):
-            payload = orjson.dumps(call.body)
+    async def deliver_singly(self, record: Record, timeout: float, *, encoded: bool) -> None:
+        """Send a record's calls one by one, in order; permanent answers are noted on the record.
+
+        ``encoded``: the record's payloads are bare bodies (single mode) and are sent as they are; batch
+        envelopes (a refused batch re-sent singly) are encoded again as bodies.
+        """
+        for position, (index, call) in enumerate(record.sendable()):
+            payload = record.payloads[position] if encoded else orjson.dumps(call.body)
             try:
                 outcome = await self.call(record.shop or call.shop, call.method, payload, timeout, [record])
             except Expired as expired:
@@ -150,6 +165,7 @@ class Dispatcher:
         tracking: TrackingConfig,
         backoff: Backoff,
         *,
+        breakers: Mapping[str, CircuitBreaker],
         done: Done,
         owns: Owns,
         clock: Clock = time.monotonic,
@@ -161,7 +177,7 @@ class Dispatcher:
         self._done = done
         self._owns = owns
         self._key_of = ordering_key(delivery.ordering)
-        self._caller = _Caller(client, backoff, owns, clock, sleep)
+        self._caller = _Caller(client, backoff, breakers, owns, clock, sleep)
         self._tasks: list[asyncio.Task[None]] = []
         # ordering key -> records of that key waiting for the key's in-flight work to finish
         self._waiting: dict[Hashable, deque[Record]] = {}
@@ -204,7 +220,7 @@ class Dispatcher:
         """Take freshly consumed records (already tracked by the ledger), in consumption order."""
         place = self._place_in_batch if self._config.mode == "batch" else self._place_single
         for record in records:
-            if record.failure is not None or not record.calls:
+            if record.failure is not None or not record.payloads:
                 self._done(record)  # nothing to send: straight to settlement (dead-letter or done)
             else:
                 place(record, self._key_of(record))
@@ -229,7 +245,7 @@ class Dispatcher:
             batch is not None
             and batch.count
             and (
-                batch.count + len(record.calls) > self._config.batch_max_events
+                batch.count + len(record.payloads) > self._config.batch_max_events
                 or batch.size + size > self._config.batch_max_bytes
             )
         ):
@@ -243,7 +259,7 @@ class Dispatcher:
             linger = self._config.batch_linger_ms / 1000
             batch.timer = asyncio.get_running_loop().call_later(linger, self._seal, batch)
         batch.records.append(record)
-        batch.count += len(record.calls)
+        batch.count += len(record.payloads)
         batch.size += size
         if key is not None and key not in self._holder:
             self._holder[key] = batch
@@ -290,7 +306,7 @@ class Dispatcher:
             for record in records:
                 record.failed_calls.extend(
                     CallFailure(i, call.method, outcome.status, outcome.reason)
-                    for i, call in enumerate(record.calls)
+                    for i, call in record.sendable()
                 )
         for record in records:
             if self._owns(record):
@@ -306,7 +322,7 @@ class Dispatcher:
 
         async def in_order(group: list[Record]) -> None:
             for record in group:
-                await self._caller.deliver_singly(record, timeout)
+                await self._caller.deliver_singly(record, timeout, encoded=False)
 
         await asyncio.gather(*(in_order(group) for group in by_key.values()))
 
@@ -345,7 +361,7 @@ class Dispatcher:
             key = self._key_of(record)
             try:
                 if self._owns(record):
-                    await self._caller.deliver_singly(record, timeout)
+                    await self._caller.deliver_singly(record, timeout, encoded=True)
                     if self._owns(record):
                         self._done(record)
             finally:

@@ -55,6 +55,7 @@ import struct
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -82,6 +83,8 @@ RESET: Final = "reset"
 
 Outage = Literal["none", "503", "refuse", "reset"]
 OUTAGES: Final[tuple[str, ...]] = get_args(Outage)
+#: How many of the latest requests the emulator remembers with their arrival time.
+REQUEST_LOG_SIZE: Final = 100_000
 
 
 # --- configuration ------------------------------------------------------------------------------------
@@ -124,6 +127,9 @@ class Faults:
     outage: Outage = "none"
     retry_after: float | None = None
     outage_seconds: float | None = None
+    #: Products the server refuses with 400 (an event that passes the contract but not the server, e.g. a
+    #: product missing from the feed): the relay cannot know beforehand, so this tests batch-400 isolation.
+    reject_product_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _check(self.latency_ms >= 0, "latency_ms must be at least 0")
@@ -139,6 +145,13 @@ class Faults:
         """Whether any fault applies to a call (checked once per call, so the no-fault path stays cheap)."""
         return bool(self.outage != "none" or self.latency_ms or self.latency_jitter_ms or self.error_rate)
 
+    def rejects(self, method: str, payload: Any) -> bool:
+        """Is this contract-valid call refused for naming a product in ``reject_product_ids``?"""
+        if not self.reject_product_ids:
+            return False
+        bodies = [next(iter(e.values())) for e in payload] if method == BATCH_METHOD else [payload]
+        return any(body.get("productId") in self.reject_product_ids for body in bodies)
+
     @classmethod
     def from_json(cls, data: object) -> Faults:
         """Build from a JSON object; unknown fields and wrong types raise ``ValueError``."""
@@ -149,11 +162,18 @@ class Faults:
         if unknown:
             raise ValueError(f"unknown fault fields: {', '.join(unknown)}")
         for name, value in data.items():
+            if name == "reject_product_ids":
+                _check(
+                    isinstance(value, list) and all(type(v) is int for v in value),
+                    "reject_product_ids must be a list of integers",
+                )
+                data = {**data, name: tuple(value)}
+                continue
             _check_json_type(name, value, int_only=name == "error_status")
         return cls(**data)
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "reject_product_ids": list(self.reject_product_ids)}
 
 
 def _check(ok: bool, problem: str) -> None:
@@ -221,6 +241,9 @@ class EmulatorState:
         self._next_seq = 0
         self._kept = 0  # events held by the entries in _log
         self._requests: dict[tuple[str, int | str], int] = {}
+        # (arrival time, partnerId, method, status) of the latest requests: when each call came, for tests
+        # of timing promises such as "no request before the time Retry-After named".
+        self._request_log: deque[tuple[float, str, str, int | str]] = deque(maxlen=REQUEST_LOG_SIZE)
         self._events_by_shop: dict[str, int] = {}
         self._rate_limited = 0
         # Twice the client's default burst: the average rate is enforced exactly, but a client that keeps to
@@ -273,9 +296,16 @@ class EmulatorState:
 
     async def handle(self, request: web.Request, method: str) -> web.StreamResponse:
         """Answer one tracking call (see the module's table), count it, record its events."""
+        arrived = time.time()
         response = await self._answer(request, method)
-        self.count(method, RESET if _is_reset(response) else response.status)
+        status = RESET if _is_reset(response) else response.status
+        self.count(method, status)
+        self._request_log.append((arrived, request.query.get("partnerId", ""), method, status))
         return response
+
+    def request_log(self) -> list[dict[str, Any]]:
+        """The latest requests in arrival order: ``{at, partnerId, method, status}``."""
+        return [{"at": at, "partnerId": p, "method": m, "status": s} for at, p, m, s in self._request_log]
 
     def count(self, method: str, status: int | str) -> None:
         key = (method, status)
@@ -306,6 +336,8 @@ class EmulatorState:
             violation, count = validate_body(method, payload), 1
         if violation is not None:
             return _json(400, {"error": str(violation)})
+        if self.faults.rejects(method, payload):
+            return _json(400, {"error": "unknown product"})
         self._record(partner_id, method, raw, count)
         return web.Response(body=b"{}", content_type="application/json")
 
@@ -469,6 +501,7 @@ def build_app(
         app.router.add_route("*", BASE_PATH + method, _tracking_handler(state, method))
     app.router.add_get(ADMIN_PATH + "events", _admin_events)
     app.router.add_get(ADMIN_PATH + "counters", _admin_counters)
+    app.router.add_get(ADMIN_PATH + "requests", _admin_requests)
     app.router.add_post(ADMIN_PATH + "reset", _admin_reset)
     app.router.add_get(ADMIN_PATH + "faults", _admin_get_faults)
     app.router.add_put(ADMIN_PATH + "faults", _admin_put_faults)
@@ -513,6 +546,10 @@ async def _admin_events(request: web.Request) -> web.Response:
 
 async def _admin_counters(request: web.Request) -> web.Response:
     return _json(200, request.app[STATE].counters)
+
+
+async def _admin_requests(request: web.Request) -> web.Response:
+    return _json(200, {"requests": request.app[STATE].request_log()})
 
 
 async def _admin_reset(request: web.Request) -> web.Response:
@@ -644,6 +681,9 @@ class EmulatorServer:
     def counters(self) -> dict[str, Any]:
         return self.state.counters
 
+    def request_log(self) -> list[dict[str, Any]]:
+        return self.state.request_log()
+
     @property
     def faults(self) -> Faults:
         return self.state.faults
@@ -753,6 +793,9 @@ class EmulatorThread:
     @property
     def counters(self) -> dict[str, Any]:
         return self._call(lambda server: _value(server.counters))
+
+    def request_log(self) -> list[dict[str, Any]]:
+        return self._call(lambda server: _value(server.request_log()))
 
     def reset(self) -> None:
         self._call(_reset)

@@ -30,9 +30,10 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 
 from consumer.config import DeliveryMode, Settings, UnknownEventPolicy
+from consumer.contract import TrackingCall
 from consumer.decode import Decoder, UnknownEventType
 from consumer.errors import PermanentError, RegistryUnavailable
-from consumer.record import Record, TopicPartition
+from consumer.record import CallFailure, Record, TopicPartition
 from consumer.retry import Backoff
 from consumer.settle import OffsetLedger
 from consumer.translate import Translator
@@ -106,6 +107,8 @@ class Intake:
         self._halted = False
         # partition -> (resume at, failed attempts): partitions waiting out a schema registry outage
         self._decode_retry: dict[TopicPartition, tuple[float, int]] = {}
+        #: Partitions the loop wants paused (their shop's circuit breaker is open); replaced, never mutated.
+        self.held: frozenset[TopicPartition] = frozenset()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rr-intake", daemon=True)
         self.consumed = 0
@@ -203,7 +206,7 @@ class Intake:
     def _decode_and_translate(self, record: Record, message: Message) -> None:
         try:
             event = self._decoders[record.tp[0]].decode(message.value())
-            calls = self._translator.translate(event)
+            calls, rejected = self._translator.translate_partial(event)
         except UnknownEventType as exc:
             if self._unknown == "skip":
                 return  # no calls, no failure: it settles at once and is committed
@@ -214,14 +217,23 @@ class Intake:
             return
         record.shop = calls[0].shop if calls else None
         record.calls = calls
-        if self._mode == "batch":
-            record.payloads = [
-                b'{"' + call.method.encode() + b'":' + orjson.dumps(call.body) + b"}" for call in calls
+        if rejected:
+            # Some calls (an order's bad line item) broke the contract: they are never sent, the rest are.
+            record.failed_calls = [
+                CallFailure(index, calls[index].method, None, reason, stage="translate")
+                for index, reason in rejected
             ]
-        else:
-            record.payloads = [orjson.dumps(call.body) for call in calls]
+            skipped = {index for index, _ in rejected}
+            record.send_index = [i for i in range(len(calls)) if i not in skipped]
+            calls = [calls[i] for i in record.send_index]
+        record.payloads = self._encode(calls)
         if self._decode_retry:
             self._decode_retry.pop(record.tp, None)
+
+    def _encode(self, calls: list[TrackingCall]) -> list[bytes]:
+        if self._mode == "batch":
+            return [b'{"' + call.method.encode() + b'":' + orjson.dumps(call.body) + b"}" for call in calls]
+        return [orjson.dumps(call.body) for call in calls]
 
     def _consume_error(self, error: KafkaError) -> None:
         if error.fatal():
@@ -264,6 +276,7 @@ class Intake:
             if self._paused_for_load
             else {tp for tp, (resume_at, _) in self._decode_retry.items() if resume_at > now}
         )
+        wanted_paused |= self.held
         current = self._currently_paused
         if wanted_paused != current:
             to_pause = wanted_paused - current

@@ -35,14 +35,19 @@ class CallFailure:
     method: str
     status: int | None
     reason: str
+    #: ``translate`` when the call broke the contract and was never sent, else ``deliver``.
+    stage: str = "deliver"
 
 
 @dataclass(slots=True, eq=False)
 class Record:
     """One consumed record on its way to settlement.
 
-    ``calls[i]`` is sent as ``payloads[i]``: the call's JSON, encoded once on the intake thread (as a
-    ``visitorEvents`` envelope in batch mode, as the bare body in single mode).
+    ``payloads`` are the calls to send, encoded once on the intake thread (as ``visitorEvents`` envelopes in
+    batch mode, as bare bodies in single mode). ``payloads[j]`` is ``calls[send_index[j]]``; ``send_index``
+    is ``None`` in the common case where every call is sent, in order. Calls are left out when translation
+    rejected them (they are in ``failed_calls`` from the start) or, on a re-drive, when they were delivered
+    before.
     """
 
     tp: TopicPartition
@@ -57,8 +62,7 @@ class Record:
     failure: PermanentError | None = None
     #: Calls that got a permanent answer; every other call was delivered.
     failed_calls: list[CallFailure] = field(default_factory=list)
-    #: Indices of calls already delivered (a re-driven order sends only what failed).
-    skip_calls: frozenset[int] = frozenset()
+    send_index: list[int] | None = None
     attempts: int = 0
     first_failure: float | None = None
     last_failure: float | None = None
@@ -67,6 +71,12 @@ class Record:
     @property
     def size(self) -> int:
         return sum(len(p) for p in self.payloads)
+
+    def sendable(self) -> list[tuple[int, TrackingCall]]:
+        """``(index in calls, call)`` of each call to send, in order."""
+        if self.send_index is None:
+            return list(enumerate(self.calls))
+        return [(i, self.calls[i]) for i in self.send_index]
 
     def note_failure(self, now: float) -> None:
         self.attempts += 1

@@ -27,6 +27,7 @@ from typing import Any, Final
 import structlog
 
 from consumer import __version__
+from consumer.breaker import CircuitBreaker
 from consumer.config import RelayConfig
 from consumer.deadletter import DeadLetterWriter
 from consumer.decode import Decoder, build_decoder, registry_client
@@ -87,6 +88,8 @@ class Relay:
         self.guard = DeadLetterGuard(settings.dead_letter)
         self._dlq_topics: Mapping[str, str] = {t.name: t.dlq for t in settings.topics}
         self._suspects: dict[str, list[Record]] = {}
+        # shop -> partitions its records came from: what to pause while the shop's breaker is open
+        self._feeds: dict[str, set[TopicPartition]] = {}
         self._stopping: asyncio.Event | None = None
         self._halt_reason: str | None = None
         self._intake_error: BaseException | None = None
@@ -111,15 +114,28 @@ class Relay:
             kafka_client_config(self.config),
             self._dlq_topics.__getitem__,
             loop,
+            write_timeout_s=settings.dead_letter.write_timeout_s,
             on_written=self._dead_letter_written,
             on_failed=self._dead_letter_failed,
         )
         self.backoff = Backoff(settings.retry)
+        retry = settings.retry
+        self.breakers = {
+            shop: CircuitBreaker(
+                shop,
+                threshold=retry.breaker_threshold,
+                probe_base_s=retry.breaker_probe_base_s,
+                probe_cap_s=retry.breaker_probe_cap_s,
+                on_change=self._breaker_changed,
+            )
+            for shop in self.config.shops
+        }
         self.dispatcher = Dispatcher(
             self.client,
             settings.delivery,
             settings.tracking,
             self.backoff,
+            breakers=self.breakers,
             done=self._on_done,
             owns=self.ledger.owns,
         )
@@ -195,7 +211,20 @@ class Relay:
     def on_records(self, records: list[Record]) -> None:
         if self._halt_reason is not None:
             return  # halted: nothing new is taken, so nothing past the halt is committed
-        self.dispatcher.submit(self.ledger.track(records))
+        kept = self.ledger.track(records)
+        feeds = self._feeds
+        for tp, shop in {(record.tp, record.shop) for record in kept}:
+            if shop is not None:
+                feeds.setdefault(shop, set()).add(tp)
+        self.dispatcher.submit(kept)
+
+    def _breaker_changed(self, shop: str, state: str) -> None:
+        """Pause the partitions that feed a shop whose API is down: its backlog stays in Kafka."""
+        held: set[TopicPartition] = set()
+        for name, breaker in self.breakers.items():
+            if breaker.state == "open":
+                held |= self._feeds.get(name, set())
+        self.intake.held = frozenset(held)
 
     def on_assigned(self, partitions: list[tuple[TopicPartition, int]]) -> None:
         for tp, generation in partitions:

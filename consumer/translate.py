@@ -37,7 +37,7 @@ from typing import Any, Final
 
 from consumer import events
 from consumer.config import ShopConfig
-from consumer.contract import TrackingCall, validate_call
+from consumer.contract import TrackingCall, Violation, validate_call
 from consumer.decode import DomainEvent
 from consumer.errors import ConfigError, TranslateError
 
@@ -82,6 +82,34 @@ class Translator:
 
     def translate(self, event: DomainEvent) -> list[TrackingCall]:
         """The calls ``event`` implies, each valid under the contract; raises TranslateError otherwise."""
+        calls = self._build(event)
+        for call in calls:
+            violation = validate_call(call)
+            if violation is not None:
+                raise _violation_error(call, violation)
+        return calls
+
+    def translate_partial(self, event: DomainEvent) -> tuple[list[TrackingCall], list[tuple[int, str]]]:
+        """Like :meth:`translate`, but an event whose calls are only partly valid is not refused whole.
+
+        Returns all the calls and the ``(index, reason)`` of those that break the contract: an order with one
+        bad line item still delivers its good items, and only the bad one is dead-lettered. When no call is
+        valid, this raises TranslateError as :meth:`translate` does.
+        """
+        calls = self._build(event)
+        rejected: list[tuple[int, str]] = []
+        first: TranslateError | None = None
+        for index, call in enumerate(calls):
+            violation = validate_call(call)
+            if violation is not None:
+                error = _violation_error(call, violation)
+                first = first or error
+                rejected.append((index, error.reason))
+        if first is not None and len(rejected) == len(calls):
+            raise first
+        return calls, rejected
+
+    def _build(self, event: DomainEvent) -> list[TrackingCall]:
         handler = self._handlers.get(event.type)
         if handler is None:
             raise TranslateError(f"no translation for event type {event.type!r}", field="type")
@@ -94,15 +122,6 @@ class Translator:
             raise TranslateError(f"{event.type} event lacks the field {name!r}", field=name) from None
         except TypeError as exc:
             raise TranslateError(f"{event.type} event has a field of the wrong type: {exc}") from None
-        for call in calls:
-            violation = validate_call(call)
-            if violation is not None:
-                source = _SOURCE.get(violation.field, violation.field)
-                raise TranslateError(
-                    f"{_describe(call)} breaks the contract: {violation.field} (from event field {source}) "
-                    f"{violation.reason}",
-                    field=violation.field,
-                )
         return calls
 
     def _shop_of(self, fields: dict[str, Any]) -> str:
@@ -171,6 +190,15 @@ class Translator:
             )
             for product, quantity, price in _merge_lines(lines)
         ]
+
+
+def _violation_error(call: TrackingCall, violation: Violation) -> TranslateError:
+    source = _SOURCE.get(violation.field, violation.field)
+    return TranslateError(
+        f"{_describe(call)} breaks the contract: {violation.field} (from event field {source}) "
+        f"{violation.reason}",
+        field=violation.field,
+    )
 
 
 def _with_time_and_stock(body: Body, fields: dict[str, Any]) -> Body:

@@ -1,0 +1,171 @@
+"""The dispatcher's promises, with a fake tracking client: order per visitor, never two batches of one
+visitor in flight, batch limits, a refused batch re-sent singly, transient answers retried."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+import orjson
+import pytest
+
+from consumer.breaker import CircuitBreaker
+from consumer.config import DeliveryConfig, RetryConfig, TrackingConfig
+from consumer.contract import TrackingCall
+from consumer.deliver import Dispatcher
+from consumer.ratelimit import TokenBucket
+from consumer.record import Record
+from consumer.retry import Backoff
+from consumer.tracking import Delivered, Outcome, Permanent, Transient
+
+
+class FakeClient:
+    """Answers after a random delay; remembers what each request carried and what was in flight."""
+
+    def __init__(self, answer: Any = None, seed: int = 1) -> None:
+        self.requests: list[tuple[str, Any]] = []
+        self.in_flight: set[str] = set()
+        self.overlaps: list[str] = []
+        self.limiters = {"demo": TokenBucket(float("inf"))}
+        self._answer = answer or (lambda method, body: Delivered())
+        self._random = random.Random(seed)
+
+    async def send_raw(self, shop: str, method: str, payload: bytes, *, timeout: float) -> Outcome:
+        body = orjson.loads(payload)
+        sessions = (
+            {next(iter(e.values()))["sessionExternalId"] for e in body}
+            if method == "visitorEvents"
+            else {body["sessionExternalId"]}
+        )
+        self.overlaps.extend(sessions & self.in_flight)
+        self.in_flight |= sessions
+        self.requests.append((method, body))
+        await asyncio.sleep(self._random.uniform(0, 0.003))
+        self.in_flight -= sessions
+        outcome: Outcome = self._answer(method, body)
+        return outcome
+
+
+def make_record(offset: int, session: str, product: int, mode: str) -> Record:
+    body = {"sessionExternalId": session, "productId": product}
+    call = TrackingCall("demo", "view", body)
+    payload = b'{"view":' + orjson.dumps(body) + b"}" if mode == "batch" else orjson.dumps(body)
+    message: Any = None
+    return Record(
+        ("t", 0), offset, 1, session.encode(), message, shop="demo", calls=[call], payloads=[payload]
+    )
+
+
+async def run_dispatcher(
+    client: FakeClient, records: list[Record], mode: str, **delivery: Any
+) -> list[Record]:
+    done: list[Record] = []
+    finished = asyncio.Event()
+
+    def on_done(record: Record) -> None:
+        done.append(record)
+        if len(done) == len(records):
+            finished.set()
+
+    config = DeliveryConfig(mode=mode, **delivery)  # type: ignore[arg-type]
+    breakers = {"demo": CircuitBreaker("demo", threshold=1000, probe_base_s=1, probe_cap_s=1)}
+    dispatcher = Dispatcher(
+        client,
+        config,
+        TrackingConfig(),
+        Backoff(RetryConfig(base_s=0.001, cap_s=0.002)),  # type: ignore[arg-type]
+        breakers=breakers,
+        done=on_done,
+        owns=lambda record: True,
+    )
+    dispatcher.start()
+    # Arrive in chunks, as consume() batches do.
+    for start in range(0, len(records), 37):
+        dispatcher.submit(records[start : start + 37])
+        await asyncio.sleep(0)
+    await asyncio.wait_for(finished.wait(), timeout=30)
+    await dispatcher.close()
+    return done
+
+
+def sent_order(client: FakeClient) -> dict[str, list[int]]:
+    per_session: dict[str, list[int]] = {}
+    for method, body in client.requests:
+        events = [next(iter(e.values())) for e in body] if method == "visitorEvents" else [body]
+        for event in events:
+            per_session.setdefault(event["sessionExternalId"], []).append(event["productId"])
+    return per_session
+
+
+@pytest.mark.parametrize("mode", ["batch", "single"])
+@pytest.mark.parametrize("ordering", ["key", "partition"])
+def test_each_visitors_calls_go_in_order_and_never_two_at_once(mode: str, ordering: str) -> None:
+    rng = random.Random(3)
+    sessions = [f"s{i}" for i in range(15)]
+    records = [make_record(i, rng.choice(sessions), i, mode) for i in range(600)]
+    client = FakeClient()
+    done = asyncio.run(
+        run_dispatcher(
+            client,
+            records,
+            mode,
+            ordering=ordering,
+            batch_max_events=20,
+            batch_linger_ms=1,
+            max_concurrent_batches=4,
+            max_concurrent_calls=8,
+        )
+    )
+    assert sorted(r.offset for r in done) == list(range(600)), "every record reported once"
+    expected: dict[str, list[int]] = {}
+    for record in records:
+        expected.setdefault(record.calls[0].body["sessionExternalId"], []).append(record.offset)
+    assert sent_order(client) == expected
+    assert client.overlaps == [], "a visitor was in two requests at once"
+
+
+def test_unordered_mode_still_delivers_everything_once() -> None:
+    records = [make_record(i, f"s{i % 3}", i, "batch") for i in range(200)]
+    client = FakeClient()
+    done = asyncio.run(run_dispatcher(client, records, "batch", ordering="unordered", batch_max_events=10))
+    assert sorted(r.offset for r in done) == list(range(200))
+    assert sorted(p for ps in sent_order(client).values() for p in ps) == list(range(200))
+
+
+def test_batches_respect_the_event_count_limit() -> None:
+    records = [make_record(i, f"s{i}", i, "batch") for i in range(250)]
+    client = FakeClient()
+    asyncio.run(run_dispatcher(client, records, "batch", batch_max_events=100, batch_linger_ms=50))
+    sizes = [len(body) for method, body in client.requests if method == "visitorEvents"]
+    assert sum(sizes) == 250
+    assert max(sizes) <= 100
+
+
+def test_a_refused_batch_is_resent_event_by_event_and_only_the_bad_one_fails() -> None:
+    def answer(method: str, body: Any) -> Outcome:
+        if method == "visitorEvents":
+            return Permanent(400, "HTTP 400 Bad Request")
+        return Permanent(400, "HTTP 400 Bad Request") if body["productId"] == 3 else Delivered()
+
+    records = [make_record(i, f"s{i}", i, "batch") for i in range(6)]
+    client = FakeClient(answer)
+    done = asyncio.run(run_dispatcher(client, records, "batch", batch_linger_ms=20))
+    failed = {r.offset: [(f.index, f.status) for f in r.failed_calls] for r in done if r.failed_calls}
+    assert failed == {3: [(0, 400)]}
+    singles = [body["productId"] for method, body in client.requests if method == "view"]
+    assert sorted(singles) == list(range(6))
+
+
+def test_transient_answers_are_retried_until_delivered() -> None:
+    answers = iter([Transient(503, "HTTP 503", None), Transient(None, "timeout", None)])
+
+    def answer(method: str, body: Any) -> Outcome:
+        return next(answers, Delivered())
+
+    records = [make_record(0, "s0", 1, "single")]
+    client = FakeClient(answer)
+    done = asyncio.run(run_dispatcher(client, records, "single"))
+    assert len(client.requests) == 3
+    assert done[0].failed_calls == []
+    assert done[0].attempts == 2

@@ -1,0 +1,90 @@
+"""The offset ledger: what may be committed is always the first unsettled offset."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from consumer.record import Record
+from consumer.settle import OffsetLedger, PartitionLedger
+
+TP = ("events", 0)
+
+
+def record(offset: int, generation: int = 1, tp: tuple[str, int] = TP) -> Record:
+    message: Any = None  # the ledger never looks at the message
+    return Record(tp, offset, generation, None, message)
+
+
+def test_the_position_waits_for_the_first_unsettled_offset() -> None:
+    ledger = PartitionLedger(generation=1)
+    for offset in (10, 11, 12, 13):
+        ledger.track(offset)
+    assert ledger.settle(12) is None, "a later record settling first moves nothing"
+    assert ledger.settle(11) is None
+    assert ledger.settle(10) == 13, "once 10 settles, 10-12 are done: commit 13, the first unsettled"
+    assert ledger.settle(13) == 14
+
+
+def test_gaps_in_offsets_do_not_hold_the_position_back() -> None:
+    # Compacted topics and transaction markers leave holes: only tracked offsets count.
+    ledger = PartitionLedger(generation=1)
+    for offset in (3, 7, 20):
+        ledger.track(offset)
+    assert ledger.settle(7) is None
+    assert ledger.settle(3) == 20
+    assert ledger.settle(20) == 21
+
+
+@given(st.permutations(list(range(40))))
+def test_in_any_settle_order_the_position_is_the_first_unsettled_offset(order: list[int]) -> None:
+    ledger = PartitionLedger(generation=1)
+    for offset in range(40):
+        ledger.track(offset)
+    settled: set[int] = set()
+    last = None
+    for offset in order:
+        settled.add(offset)
+        moved = ledger.settle(offset)
+        first_unsettled = next((o for o in range(40) if o not in settled), 40)
+        if moved is not None:
+            last = moved
+        assert ledger.position() == first_unsettled
+        assert last is None or last <= first_unsettled
+    assert last == 40
+
+
+def test_a_completion_for_a_revoked_partition_is_dropped_even_if_it_came_back() -> None:
+    ledger = OffsetLedger()
+    ledger.assign(TP, generation=1)
+    early = record(5, generation=1)
+    assert ledger.track([early]) == [early]
+    assert ledger.release(TP) == 5, "revoked with 5 unsettled: commit 5"
+    ledger.assign(TP, generation=2)  # the partition comes back to this process
+    assert ledger.settle(early) is False, "the old generation's completion is not ours to commit"
+    assert ledger.take_positions() == {}
+    assert ledger.in_flight == 0
+
+
+def test_records_read_before_a_revoke_are_not_tracked_after_it() -> None:
+    ledger = OffsetLedger()
+    ledger.assign(TP, generation=1)
+    ledger.release(TP)
+    assert ledger.track([record(1, generation=1)]) == []
+    assert ledger.in_flight == 0
+
+
+def test_settled_positions_are_handed_to_the_intake_once_with_their_generation() -> None:
+    ledger = OffsetLedger()
+    ledger.assign(TP, generation=3)
+    first, second = record(0, 3), record(1, 3)
+    ledger.track([first, second])
+    assert ledger.in_flight == 2
+    assert ledger.settle(second)
+    assert ledger.take_positions() == {}
+    assert ledger.settle(first)
+    assert ledger.take_positions() == {TP: (3, 2)}
+    assert ledger.take_positions() == {}, "taken once"
+    assert ledger.in_flight == 0
