@@ -85,6 +85,8 @@ class KafkaConfig(_Frozen):
     #: librdkafka's prefetch bound per partition, in KiB (keeps memory flat with a large backlog).
     queued_max_messages_kbytes: int = Field(default=16_384, ge=64)
     commit_interval_ms: int = Field(default=1000, ge=50)
+    #: How often librdkafka reports statistics (consumer lag, broker state) for metrics and readiness.
+    statistics_interval_ms: int = Field(default=5000, ge=100)
 
 
 class TopicConfig(_Frozen):
@@ -160,6 +162,9 @@ class DeadLetterConfig(_Frozen):
 
 class ObservabilityConfig(_Frozen):
     port: int | None = Field(default=None, ge=0, le=65535, description="metrics and health port; unset = off")
+    host: str = Field(default="0.0.0.0", description="address the metrics and health server listens on")  # noqa: S104 - probes come from outside the pod
+    #: /healthz turns red when the intake thread has not polled Kafka for this long.
+    stall_after_s: float = Field(default=60.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 

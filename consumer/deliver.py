@@ -36,6 +36,7 @@ import structlog
 from consumer.breaker import CircuitBreaker
 from consumer.config import DeliveryConfig, TrackingConfig
 from consumer.contract import BATCH_METHOD
+from consumer.metrics import RelayMetrics
 from consumer.record import CallFailure, Record
 from consumer.retry import Backoff
 from consumer.tracking import Outcome, Permanent, TrackingClient, Transient
@@ -79,9 +80,11 @@ class _Caller:
         owns: Owns,
         clock: Clock,
         sleep: Sleep,
+        metrics: RelayMetrics,
     ) -> None:
         self.client = client
         self.breakers = breakers
+        self.metrics = metrics
         self.backoff = backoff
         self.owns = owns
         self.clock = clock
@@ -93,9 +96,12 @@ class _Caller:
     ) -> Outcome | None:
         """Send until the answer is final. ``None`` when every record was revoked meanwhile."""
         breaker = self.breakers[shop]
+        events = sum(len(record.payloads) for record in records) if method == BATCH_METHOD else 1
         while True:
             probe = await breaker.admit()
+            started = time.perf_counter()
             outcome = await self.client.send_raw(shop, method, payload, timeout=timeout)
+            self.metrics.observe_request(shop, method, outcome.status, time.perf_counter() - started, events)
             breaker.record(type(outcome) is Transient, probe)
             if type(outcome) is not Transient:
                 return outcome
@@ -111,8 +117,13 @@ class _Caller:
                 # on the client's clock (the one its rate limiters run on).
                 self.client.limiters[shop].hold_until(self.clock() + outcome.retry_after)
             self.retries += 1
+            self.metrics.retries[shop] += 1
+            first = records[0]
             log.debug(
                 "deliver.retry",
+                topic=first.tp[0],
+                partition=first.tp[1],
+                offset=first.offset,
                 shop=shop,
                 method=method,
                 status=outcome.status,
@@ -170,6 +181,7 @@ class Dispatcher:
         owns: Owns,
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
+        metrics: RelayMetrics | None = None,
     ) -> None:
         """``clock`` must be the clock the client's rate limiters run on (monotonic by default)."""
         self._config = delivery
@@ -177,7 +189,7 @@ class Dispatcher:
         self._done = done
         self._owns = owns
         self._key_of = ordering_key(delivery.ordering)
-        self._caller = _Caller(client, backoff, breakers, owns, clock, sleep)
+        self._caller = _Caller(client, backoff, breakers, owns, clock, sleep, metrics or RelayMetrics())
         self._tasks: list[asyncio.Task[None]] = []
         # ordering key -> records of that key waiting for the key's in-flight work to finish
         self._waiting: dict[Hashable, deque[Record]] = {}

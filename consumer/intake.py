@@ -33,6 +33,7 @@ from consumer.config import DeliveryMode, Settings, UnknownEventPolicy
 from consumer.contract import TrackingCall
 from consumer.decode import Decoder, UnknownEventType
 from consumer.errors import PermanentError, RegistryUnavailable
+from consumer.metrics import RelayMetrics
 from consumer.record import CallFailure, Record, TopicPartition
 from consumer.retry import Backoff
 from consumer.settle import OffsetLedger
@@ -71,6 +72,7 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
         "enable.partition.eof": False,
         "queued.max.messages.kbytes": kafka.queued_max_messages_kbytes,
         "queued.min.messages": max(kafka.consume_batch * 2, 1000),
+        "statistics.interval.ms": kafka.statistics_interval_ms,
     }
 
 
@@ -87,7 +89,9 @@ class Intake:
         loop: asyncio.AbstractEventLoop,
         *,
         consumer_factory: Callable[[dict[str, Any]], Consumer] = Consumer,
+        metrics: RelayMetrics | None = None,
     ) -> None:
+        self._metrics = metrics or RelayMetrics()
         self._settings = settings
         self._decoders = decoders
         self._translator = translator
@@ -104,11 +108,17 @@ class Intake:
         self._paused_for_load = False
         self._currently_paused: set[TopicPartition] = set()
         self._draining = False
-        self._halted = False
+        self._closing = False
         # partition -> (resume at, failed attempts): partitions waiting out a schema registry outage
         self._decode_retry: dict[TopicPartition, tuple[float, int]] = {}
         #: Partitions the loop wants paused (their shop's circuit breaker is open); replaced, never mutated.
         self.held: frozenset[TopicPartition] = frozenset()
+        #: Records behind each partition's end, from librdkafka's statistics (read by the metrics).
+        self.lag: dict[TopicPartition, int] = {}
+        #: When each partition's offset was last committed (wall clock), from the commit callback.
+        self.commit_times: dict[TopicPartition, float] = {}
+        #: Whether any broker connection was up at the last statistics report (None: no report yet).
+        self.broker_up: bool | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rr-intake", daemon=True)
         self.consumed = 0
@@ -123,9 +133,12 @@ class Intake:
         """Shutdown, first step: stop taking new records (keep serving stores and rebalances)."""
         self._draining = True
 
-    def close(self, *, halted: bool = False) -> None:
-        """Shutdown, second step: commit what is settled, leave the group, end the thread."""
-        self._halted = halted
+    def close(self) -> None:
+        """Shutdown, second step: commit what is settled, leave the group, end the thread.
+
+        The loop has had its drain time already, so the revoke that closing triggers waits for nothing.
+        """
+        self._closing = True
         self._stop.set()
 
     def join(self, timeout: float | None = None) -> bool:
@@ -142,7 +155,9 @@ class Intake:
         error: BaseException | None = None
         consumer: Consumer | None = None
         try:
-            consumer = self._consumer_factory(consumer_config(self._settings))
+            consumer = self._consumer_factory(
+                {**consumer_config(self._settings), "stats_cb": self._on_stats, "on_commit": self._on_commit}
+            )
             consumer.subscribe(
                 [topic.name for topic in self._settings.topics],
                 on_assign=self._on_assign,
@@ -171,6 +186,7 @@ class Intake:
 
     def _close_consumer(self, consumer: Consumer) -> None:
         # close() revokes every partition through _on_revoke, which commits each one's settled position.
+        log.debug("intake.closing", partitions=len(self._assigned))
         try:
             consumer.close()
         except (KafkaException, RuntimeError) as exc:
@@ -201,6 +217,9 @@ class Intake:
                 continue
             records.append(record)
         self.consumed += len(records)
+        consumed = self._metrics.consumed
+        for record in records:
+            consumed[record.tp[0]] += 1
         return records
 
     def _decode_and_translate(self, record: Record, message: Message) -> None:
@@ -304,6 +323,32 @@ class Intake:
                 # committed by the revoke already.
                 log.debug("intake.store_skipped", reason=str(exc))
 
+    # --- librdkafka callbacks (run inside consume()/close() on this thread) ---------------------------
+
+    def _on_stats(self, raw: str) -> None:
+        stats = orjson.loads(raw)
+        self.broker_up = any(
+            broker.get("state") == "UP"
+            for broker in stats.get("brokers", {}).values()
+            if broker.get("nodeid", -1) >= 0
+        )
+        lag: dict[TopicPartition, int] = {}
+        for topic, info in stats.get("topics", {}).items():
+            for key, partition in info.get("partitions", {}).items():
+                tp = (topic, int(key))
+                if tp in self._assigned and partition.get("consumer_lag", -1) >= 0:
+                    lag[tp] = int(partition["consumer_lag"])
+        self.lag = lag
+
+    def _on_commit(self, error: KafkaError | None, partitions: list[KafkaTopicPartition]) -> None:
+        if error is not None:
+            log.warning("intake.commit_failed", error=error.str())
+            return
+        now = time.time()
+        for partition in partitions:
+            if partition.error is None and partition.offset >= 0:
+                self.commit_times[(partition.topic, partition.partition)] = now
+
     # --- rebalance callbacks (run inside consume()/close() on this thread) ---------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
@@ -320,7 +365,7 @@ class Intake:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
-        grace = 0.0 if self._halted else self._settings.delivery.revoke_grace_s
+        grace = 0.0 if self._closing else self._settings.delivery.revoke_grace_s
         future = asyncio.run_coroutine_threadsafe(self._listener.release(tps, grace), self._loop)
         try:
             positions = future.result(timeout=grace + 5.0)
@@ -351,6 +396,8 @@ class Intake:
         for tp in tps:
             self._assigned.discard(tp)
             self._decode_retry.pop(tp, None)
+            self.commit_times.pop(tp, None)
+            self.lag.pop(tp, None)
         self._currently_paused = self._currently_paused - set(tps)
 
 

@@ -33,7 +33,9 @@ from consumer.deadletter import DeadLetterWriter
 from consumer.decode import Decoder, build_decoder, registry_client
 from consumer.deliver import Dispatcher
 from consumer.guard import SHOP_WIDE_STATUSES, DeadLetterGuard
+from consumer.health import HealthServer
 from consumer.intake import Intake
+from consumer.metrics import RelayMetrics
 from consumer.record import Record, TopicPartition
 from consumer.retry import Backoff
 from consumer.settle import OffsetLedger
@@ -48,6 +50,9 @@ EXIT_HALTED: Final = 3
 #: How often a draining revoke or shutdown looks at the in-flight count.
 DRAIN_POLL_S: Final = 0.01
 PROGRESS_EVERY_S: Final = 5.0
+HEARTBEAT_EVERY_S: Final = 1.0
+#: /healthz turns red when the loop has not ticked for this long (a tick is due every second).
+HEARTBEAT_STALE_S: Final = 10.0
 
 
 def build_decoders(config: RelayConfig) -> dict[str, Decoder]:
@@ -97,6 +102,9 @@ class Relay:
         self.delivered = 0
         self.dead_lettered = 0
         self.started_at = time.monotonic()
+        self.metrics = RelayMetrics()
+        self.heartbeat = time.monotonic()
+        self.health: HealthServer | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -138,12 +146,15 @@ class Relay:
             breakers=self.breakers,
             done=self._on_done,
             owns=self.ledger.owns,
+            metrics=self.metrics,
         )
         self.dispatcher.start()
-        self.intake = Intake(settings, decoders, translator, self.ledger, self, loop)
+        self.intake = Intake(settings, decoders, translator, self.ledger, self, loop, metrics=self.metrics)
+        self._start_health()
         self._install_signals(loop)
         self.intake.start()
         progress = asyncio.create_task(self._report_progress())
+        heartbeat = asyncio.create_task(self._beat())
         log.info(
             "relay.started",
             version=__version__,
@@ -157,12 +168,66 @@ class Relay:
             await self._shutdown()
         finally:
             progress.cancel()
+            heartbeat.cancel()
+            if self.health is not None:
+                self.health.stop()
             await self.dispatcher.close()
             await self.client.close()
             unconfirmed = self.dlq.close()
             if unconfirmed:
                 log.warning("relay.dead_letters_unconfirmed", count=unconfirmed)
         return self._exit_status()
+
+    def _start_health(self) -> None:
+        observability = self.config.settings.observability
+        gauges = self.metrics.gauges
+        gauges.in_flight = lambda: self.ledger.in_flight
+        gauges.partitions = lambda: len(self.intake.assigned)
+        gauges.breakers = lambda: {shop: b.state == "open" for shop, b in self.breakers.items()}
+        gauges.lag = lambda: dict(self.intake.lag)
+        gauges.commit_times = lambda: dict(self.intake.commit_times)
+        if observability.port is None:
+            return
+        self.health = HealthServer(
+            self.metrics,
+            liveness=self.liveness,
+            readiness=self.readiness,
+            host=observability.host,
+            port=observability.port,
+        )
+        self.health.start()
+
+    def liveness(self) -> list[str]:
+        """What makes this process dead: a stuck event loop, or an intake thread that stopped polling."""
+        now = time.monotonic()
+        problems = []
+        if now - self.heartbeat > HEARTBEAT_STALE_S:
+            problems.append(f"the event loop has not ticked for {now - self.heartbeat:.0f}s")
+        stall = self.config.settings.observability.stall_after_s
+        if now - self.intake.last_poll > stall:
+            problems.append(f"the Kafka consumer has not polled for {now - self.intake.last_poll:.0f}s")
+        return problems
+
+    def readiness(self) -> list[str]:
+        """What keeps this process from moving events, though alive."""
+        problems = self.liveness()
+        if self._stopping is not None and self._stopping.is_set():
+            problems.append("stopping")
+        if not self.intake.assigned:
+            problems.append("no partitions assigned")
+        if self.intake.broker_up is False:
+            problems.append("no Kafka broker reachable")
+        problems.extend(
+            f"circuit breaker open for shop {shop!r}"
+            for shop, b in self.breakers.items()
+            if b.state == "open"
+        )
+        return problems
+
+    async def _beat(self) -> None:
+        while True:
+            self.heartbeat = time.monotonic()
+            await asyncio.sleep(HEARTBEAT_EVERY_S)
 
     def request_stop(self) -> None:
         if self._stopping is not None and not self._stopping.is_set():
@@ -178,7 +243,7 @@ class Relay:
                 lambda: self.ledger.in_flight - self._suspect_count(),
                 self.config.settings.delivery.shutdown_grace_s,
             )
-        self.intake.close(halted=halted)
+        self.intake.close()
         assert self._intake_stopped is not None
         await self._intake_stopped
         log.info(
@@ -265,6 +330,7 @@ class Relay:
             if self.ledger.settle(record):
                 self.delivered += 1
                 self.guard.note(False)
+                self._count_settled(record, "delivered" if record.calls else "skipped")
             if self._suspects and record.calls and record.shop in self._suspects:
                 self._acquit_shop(record.shop)
             return
@@ -293,14 +359,28 @@ class Relay:
     def _dead_letter_written(self, record: Record) -> None:
         if self.ledger.settle(record):
             self.dead_lettered += 1
+            self._count_settled(record, "dead_lettered")
+            stage, reason = _failure_class(record)
+            self.metrics.dead_lettered[(record.tp[0], stage, reason)] += 1
             log.info(
                 "relay.dead_lettered",
                 topic=record.tp[0],
                 partition=record.tp[1],
                 offset=record.offset,
                 shop=record.shop,
+                method=record.failed_calls[0].method if record.failed_calls else None,
                 reason=_describe_failure(record),
             )
+
+    def _count_settled(self, record: Record, outcome: str) -> None:
+        metrics = self.metrics
+        metrics.settled[(record.tp[0], outcome)] += 1
+        if not record.calls or record.shop is None:
+            return
+        failed = {failure.index for failure in record.failed_calls}
+        calls = metrics.calls
+        for index, call in enumerate(record.calls):
+            calls[(record.shop, call.method, "permanent" if index in failed else "delivered")] += 1
 
     def _dead_letter_failed(self, record: Record, reason: str) -> None:
         """The dead-letter topic refused the record: keep it unsettled and try again after a backoff."""
@@ -370,6 +450,14 @@ class Relay:
                 retries=self.dispatcher.retries,
                 partitions=len(self.intake.assigned),
             )
+
+
+def _failure_class(record: Record) -> tuple[str, str]:
+    """(stage, reason) for the dead-letter metric: few distinct values, never a record's own data."""
+    if record.failure is not None:
+        return record.failure.stage, type(record.failure).__name__
+    failure = record.failed_calls[0]
+    return failure.stage, "contract" if failure.status is None else f"http_{failure.status}"
 
 
 def _describe_failure(record: Record) -> str:

@@ -1,0 +1,110 @@
+"""``/metrics``, ``/healthz`` and ``/readyz`` for Prometheus and Kubernetes probes.
+
+The server runs on a thread and event loop of its own, so it still answers — red — when the relay's loop
+or the intake thread is stuck; a server on the relay's own loop would just time out, which a probe cannot
+tell from a slow network.
+
+* ``/healthz`` (liveness): the relay's event loop ticked recently and the intake thread polled Kafka
+  recently. Red means restart me.
+* ``/readyz`` (readiness): partitions are assigned, a broker is reachable, and no shop's circuit breaker
+  is open. Red means I am alive but not moving events.
+
+Each answers JSON ``{"status": "ok" | "failing", "problems": [...]}`` with 200 or 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+
+import orjson
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from consumer.metrics import RelayMetrics
+
+log = structlog.get_logger(__name__)
+
+Checks = Callable[[], list[str]]
+
+
+class HealthServer:
+    """Serves the relay's metrics and probes on ``host:port`` from a background thread."""
+
+    def __init__(
+        self, metrics: RelayMetrics, *, liveness: Checks, readiness: Checks, host: str, port: int
+    ) -> None:
+        self._metrics = metrics
+        self._liveness = liveness
+        self._readiness = readiness
+        self._host = host
+        self._port = port
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._started: Future[int] = Future()
+        self._thread = threading.Thread(target=self._run, name="rr-health", daemon=True)
+        self.port = port
+
+    def start(self, timeout: float = 10.0) -> int:
+        """Start serving; return the port (useful with port 0)."""
+        self._thread.start()
+        self.port = self._started.result(timeout)
+        log.info(
+            "health.listening", host=self._host, port=self.port, paths=["/metrics", "/healthz", "/readyz"]
+        )
+        return self.port
+
+    def stop(self) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result(10)
+            loop.call_soon_threadsafe(loop.stop)
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            port = loop.run_until_complete(self._serve())
+        except OSError as exc:
+            self._started.set_exception(exc)
+            loop.close()
+            return
+        self._started.set_result(port)
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    async def _serve(self) -> int:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics_handler)
+        app.router.add_get("/healthz", lambda _r: self._probe(self._liveness))
+        app.router.add_get("/readyz", lambda _r: self._probe(self._readiness))
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self._port)
+        await site.start()
+        server = (
+            site._server
+        )  # aiohttp keeps the bound socket here; it is the only way to learn port 0's port
+        sockets = getattr(server, "sockets", None) or []
+        return int(sockets[0].getsockname()[1]) if sockets else self._port
+
+    async def _shutdown(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _metrics_handler(self, _request: web.Request) -> web.Response:
+        body = generate_latest(self._metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _probe(self, checks: Checks) -> web.Response:
+        problems = checks()
+        body = {"status": "failing" if problems else "ok", "problems": problems}
+        return web.Response(
+            body=orjson.dumps(body), status=503 if problems else 200, content_type="application/json"
+        )
