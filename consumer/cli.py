@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_run, _add_config, _add_emulator, _add_produce_sample):
+    for add in (_add_run, _add_config, _add_emulator, _add_produce_sample, _add_replay, _add_dlq):
         add(commands)
     return parser
 
@@ -216,6 +216,185 @@ def _add_produce_sample(commands: argparse._SubParsersAction[argparse.ArgumentPa
         return 0
 
     parser.set_defaults(handler=run)
+
+
+def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``rr-consumer replay``: move the group's committed offsets (consumer.replay, imported to run it)."""
+    parser = commands.add_parser(
+        "replay",
+        help="rewind (or fast-forward) the relay's consumer group, for recovery",
+        description="Print a plan (committed offset, target and records to replay per partition), then "
+        "commit the targets for the group. Refused while the group has active members: stop the relay "
+        "first, replay, start it again.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  rr-consumer replay --config relay.toml --to-time 2026-11-30T10:00:00+00:00 --dry-run\n"
+        "  rr-consumer replay --config relay.toml --to-time 2026-11-30T10:00:00+00:00\n"
+        "  rr-consumer replay --config relay.toml --topic shop.events --partition 3 --to-earliest\n"
+        "  rr-consumer replay --bootstrap-servers kafka:9092 --group rr-relay --topic shop.events \\\n"
+        "      --to-offset 0:1500 --to-offset 1:1320\n"
+        "  rr-consumer replay --config relay.toml --to-latest        # skip the backlog\n\n"
+        "exit status: 0 applied (or dry run), 1 refused or failed (active members, unknown topic or\n"
+        "partition, broker error), 2 bad arguments or configuration",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="the relay's TOML configuration: bootstrap servers, group id, client settings, topics",
+    )
+    parser.add_argument("--bootstrap-servers", metavar="HOSTS", help="Kafka (overrides the configuration)")
+    parser.add_argument("--group", metavar="GROUP", help="consumer group (overrides the configuration)")
+    parser.add_argument(
+        "--topic",
+        action="append",
+        metavar="TOPIC",
+        help="topic to move (repeatable; default: every topic in the configuration)",
+    )
+    parser.add_argument(
+        "--partition",
+        action="append",
+        type=int,
+        metavar="N",
+        help="partition to move (repeatable; default: all)",
+    )
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--to-earliest", action="store_true", help="to the first record still held")
+    target.add_argument("--to-latest", action="store_true", help="to the end: skip what is not consumed yet")
+    target.add_argument(
+        "--to-time",
+        metavar="ISO8601",
+        help="to the first record at or after this time, with a UTC offset (e.g. 2026-11-30T10:00:00+00:00); "
+        "partitions with no such record go to their end",
+    )
+    target.add_argument(
+        "--to-offset",
+        action="append",
+        metavar="P:OFFSET",
+        help="partition P to OFFSET (repeatable; needs exactly one --topic)",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="per broker request (default: %(default)s)",
+    )
+
+    def run(args: argparse.Namespace) -> int:
+        from consumer import replay
+
+        loaded = None
+        if args.config is not None:
+            from consumer import config
+
+            loaded = _load_config(config, args.config)
+            if loaded is None:
+                return 2
+        return replay.run_command(args, loaded)
+
+    parser.set_defaults(handler=run)
+
+
+def _add_dlq(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser("dlq", help="inspect or re-drive dead-lettered records")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    inspect = actions.add_parser(
+        "inspect",
+        help="a table of dead-lettered records",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  rr-consumer dlq inspect --config relay.toml\n"
+        "  rr-consumer dlq inspect --config relay.toml --stage deliver --status 401 \\\n"
+        "      --since 2026-11-30T00:00:00Z",
+    )
+    redrive = actions.add_parser(
+        "redrive",
+        help="send dead-lettered records through the pipeline again",
+        description="Re-process dead-lettered records after the cause is fixed. Only the calls that failed "
+        "are sent (an order's delivered items are not sent again). The re-drive has its own consumer group "
+        "(<group_id>.redrive): stop it any time and run it again to resume. A record that fails again is "
+        "dead-lettered with rr.dlq.redrive.count one higher; past --max-redrives it is left alone.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  rr-consumer dlq redrive --config relay.toml --status 401\n"
+        "  rr-consumer dlq redrive --config relay.toml --stage deliver --since 2026-11-30T09:00:00Z",
+    )
+    for sub in (inspect, redrive):
+        sub.add_argument("--config", type=Path, metavar="FILE", required=True)
+        sub.add_argument(
+            "--topic", action="append", default=[], help="dead-letter topic (default: all of them)"
+        )
+        sub.add_argument("--stage", action="append", default=[], choices=("decode", "translate", "deliver"))
+        sub.add_argument("--status", action="append", default=[], help="HTTP status of the failed call")
+        sub.add_argument("--source-topic", action="append", default=[], help="the topic the record came from")
+        sub.add_argument("--since", type=_aware_time, help="last failed at or after this ISO 8601 time")
+        sub.add_argument("--until", type=_aware_time, help="last failed before this ISO 8601 time")
+    inspect.add_argument(
+        "--limit", type=int, default=100, help="rows to show, newest last (default: %(default)s)"
+    )
+    redrive.add_argument("--max-redrives", type=int, default=3, help="loop guard (default: %(default)s)")
+    redrive.add_argument(
+        "--from-beginning",
+        action="store_true",
+        help="start again from the topic's first record (records re-driven before go again)",
+    )
+
+    def run(args: argparse.Namespace) -> int:
+        from confluent_kafka import KafkaException
+        from rich.console import Console
+
+        from consumer import config, dlq, logs
+        from consumer.errors import ConfigError
+        from consumer.redrive import RedriveFilter, RedrivePlan
+
+        loaded = _load_config(config, args.config)
+        if loaded is None:
+            return 2
+        filters = RedriveFilter(
+            stages=args.stage,
+            statuses=args.status,
+            source_topics=args.source_topic,
+            failed_after=args.since,
+            failed_before=args.until,
+        )
+        stream = sys.stderr if args.action == "redrive" else sys.stdout
+        # Piped into a file or a pager, the table keeps whole rows rather than wrapping at 80 columns.
+        console = Console(file=stream, width=None if stream.isatty() else 220)
+        try:
+            topics = dlq.dead_letter_topics(loaded, args.topic)
+            if args.action == "inspect":
+                letters = dlq.read_dead_letters(loaded, topics, filters)
+                dlq.render(letters[-args.limit :], console)
+                return 0
+            observability = loaded.settings.observability
+            logs.configure(
+                "warning" if observability.log_level == "info" else observability.log_level,
+                "json",
+                secrets=[shop.api_key.get_secret_value() for shop in loaded.shops.values()],
+            )
+            plan = RedrivePlan(filters=filters, max_redrives=args.max_redrives)
+            return dlq.run_redrive(loaded, topics, plan, from_beginning=args.from_beginning, console=console)
+        except ConfigError as error:
+            print(f"rr-consumer: {error}", file=sys.stderr)
+            return 2
+        except KafkaException as error:
+            print(f"rr-consumer: Kafka: {error}", file=sys.stderr)
+            return 1
+
+    inspect.set_defaults(handler=run)
+    redrive.set_defaults(handler=run)
+
+
+def _aware_time(text: str) -> Any:
+    from datetime import datetime
+
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"give a UTC offset or Z: {text!r}")
+    return moment
 
 
 def main(argv: Sequence[str] | None = None) -> int:
