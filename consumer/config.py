@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +26,10 @@ from consumer.errors import ConfigError
 DEFAULT_BASE_URL = "https://apptracking.retailrocket.net/1.0/"
 ENV_PREFIX = "RR_"
 ENV_DELIMITER = "__"
+MASK = "**********"
+#: librdkafka settings whose values are secrets: SASL passwords, key passphrases, OAuth client secrets,
+#: PEM-encoded keys, and the OAuth config string (which may embed a secret).
+_SECRET_CLIENT_SETTING = re.compile(r"password|secret|passphrase|\.pem$|oauthbearer\.config", re.IGNORECASE)
 
 ValueFormat = Literal["confluent-avro", "avro", "json"]
 DeliveryMode = Literal["batch", "single"]
@@ -230,6 +235,7 @@ def load(path: Path | None, environ: Mapping[str, str] | None = None) -> RelayCo
     """
     env = os.environ if environ is None else environ
     raw = _read_toml(path) if path is not None else {}
+    _check_env_names(env)
     try:
         settings = _with_environ(env, lambda: Settings(**raw))
     except ValidationError as error:
@@ -245,6 +251,38 @@ def load(path: Path | None, environ: Mapping[str, str] | None = None) -> RelayCo
             )
         )
     return RelayConfig(settings=settings, shops=shops, schema_registry_auth=auth)
+
+
+def _check_env_names(env: Mapping[str, str]) -> None:
+    """Refuse ``RR_`` variables that look like overrides but match no section.
+
+    pydantic-settings ignores them silently, so ``RR_DELIVRY__MODE=single`` or ``RR_DELIVERY_MODE=single``
+    would leave the relay in batch mode without a word. Other ``RR_`` variables (``RR_API_KEY_<SHOP>``,
+    ``RR_KAFKA_CACHE`` of the local tools) are left alone: only a ``__`` override whose section is unknown,
+    or a single ``_`` where a real ``<SECTION>__<KEY>`` was meant, is an error.
+    """
+    fields = Settings.model_fields
+    for variable in env:
+        name = variable.upper()
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX) :]
+        head, delimiter, _ = rest.partition(ENV_DELIMITER)
+        if delimiter and head.lower() not in fields:
+            raise ConfigError(variable, f"no section {head.lower()!r}; sections: {', '.join(fields)}")
+        if delimiter:
+            continue
+        for section, info in fields.items():
+            model = info.annotation
+            prefix = f"{section.upper()}_"
+            if (
+                isinstance(model, type)
+                and issubclass(model, BaseModel)
+                and rest.startswith(prefix)
+                and rest[len(prefix) :].lower() in model.model_fields
+            ):
+                meant = f"{ENV_PREFIX}{section.upper()}{ENV_DELIMITER}{rest[len(prefix) :]}"
+                raise ConfigError(variable, f"not an override; did you mean {meant}?")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -318,6 +356,10 @@ def _require_env(env: Mapping[str, str], variable: str, setting: str) -> str:
 def describe(config: RelayConfig) -> str:
     """The effective configuration as TOML-like text, every secret masked."""
     data = config.settings.model_dump(mode="json")
+    data["kafka"]["client"] = {
+        key: MASK if _SECRET_CLIENT_SETTING.search(key) else value
+        for key, value in data["kafka"]["client"].items()
+    }
     data["shops"] = {
         name: {"partner_id": shop.partner_id, "api_key": "**********", "rate_limit": shop.rate_limit}
         for name, shop in config.shops.items()
