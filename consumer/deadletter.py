@@ -20,6 +20,7 @@ rr.dlq.attempts                how many times delivery was attempted
 rr.dlq.first.failure           ISO 8601 time of the first failure
 rr.dlq.last.failure            ISO 8601 time of the last failure
 rr.dlq.service.version         the relay's version
+rr.dlq.redrive.count           how many times the record was re-driven (only on a re-driven record)
 =============================  =====================================================================
 
 The producer is idempotent with ``acks=all``, and a record counts as settled only once its delivery report
@@ -51,7 +52,7 @@ MAX_MESSAGE: Final = 500
 
 def failure_headers(record: Record, now: float | None = None) -> list[tuple[str, bytes]]:
     """The ``rr.dlq.*`` headers that explain why ``record`` was dead-lettered."""
-    topic, partition = record.tp
+    topic, partition, offset = record.origin or (*record.tp, record.offset)
     delivered = [i for i in range(len(record.calls)) if i not in {f.index for f in record.failed_calls}]
     if record.failure is not None:
         stage, error_class, message = (
@@ -68,7 +69,7 @@ def failure_headers(record: Record, now: float | None = None) -> list[tuple[str,
     headers: list[tuple[str, bytes]] = [
         (PREFIX + "source.topic", topic.encode()),
         (PREFIX + "source.partition", str(partition).encode()),
-        (PREFIX + "source.offset", str(record.offset).encode()),
+        (PREFIX + "source.offset", str(offset).encode()),
         (PREFIX + "stage", stage.encode()),
         (PREFIX + "error.class", error_class.encode()),
         (PREFIX + "error.message", message[:MAX_MESSAGE].encode()),
@@ -77,6 +78,8 @@ def failure_headers(record: Record, now: float | None = None) -> list[tuple[str,
         (PREFIX + "last.failure", _iso(last_failure)),
         (PREFIX + "service.version", __version__.encode()),
     ]
+    if record.redrive_count:
+        headers.append((PREFIX + "redrive.count", str(record.redrive_count).encode()))
     if record.failed_calls:
         first = record.failed_calls[0]
         if first.status is not None:
@@ -145,7 +148,12 @@ class DeadLetterWriter:
         message = record.message
         original = message.headers() or []
         headers: list[tuple[str, str | bytes | None]] = [
-            *(original.items() if isinstance(original, dict) else original),
+            # A re-driven record carries the headers of its last failure: they are replaced, not repeated.
+            *(
+                (k, v)
+                for k, v in (original.items() if isinstance(original, dict) else original)
+                if not k.startswith(PREFIX)
+            ),
             *failure_headers(record),
         ]
         timestamp_type, timestamp = message.timestamp()

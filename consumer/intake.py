@@ -35,6 +35,7 @@ from consumer.decode import Decoder, UnknownEventType
 from consumer.errors import PermanentError, RegistryUnavailable
 from consumer.metrics import RelayMetrics
 from consumer.record import CallFailure, Record, TopicPartition
+from consumer.redrive import RedrivePlan
 from consumer.retry import Backoff
 from consumer.settle import OffsetLedger
 from consumer.translate import Translator
@@ -90,8 +91,15 @@ class Intake:
         *,
         consumer_factory: Callable[[dict[str, Any]], Consumer] = Consumer,
         metrics: RelayMetrics | None = None,
+        redrive: RedrivePlan | None = None,
+        stop_at: Mapping[TopicPartition, int] | None = None,
     ) -> None:
         self._metrics = metrics or RelayMetrics()
+        self._redrive = redrive
+        # A bounded run (a re-drive) reads each partition only up to this offset; a partition not named
+        # is not read at all. What lies beyond is neither processed nor committed, and the partition pauses.
+        self._stop_at = stop_at
+        self._finished: set[TopicPartition] = set()
         self._settings = settings
         self._decoders = decoders
         self._translator = translator
@@ -208,6 +216,9 @@ class Intake:
             offset: int = message.offset()  # type: ignore[assignment]
             if tp in retrying:
                 continue  # an earlier record of this partition is waiting for the registry: re-read later
+            if self._stop_at is not None and offset >= self._stop_at.get(tp, 0):
+                self._finished.add(tp)
+                continue
             record = Record(tp, offset, generation.get(tp, 0), message.key(), message)
             try:
                 self._decode_and_translate(record, message)
@@ -223,8 +234,15 @@ class Intake:
         return records
 
     def _decode_and_translate(self, record: Record, message: Message) -> None:
+        if self._redrive is not None:
+            source = self._redrive.prepare(record, message)
+            if source is None:
+                return  # not to be re-driven (filtered out or past the loop guard): settles at once
+            topic, value, delivered = source
+        else:
+            topic, value, delivered = record.tp[0], message.value(), frozenset()
         try:
-            event = self._decoders[record.tp[0]].decode(message.value())
+            event = self._decoders[topic].decode(value)
             calls, rejected = self._translator.translate_partial(event)
         except UnknownEventType as exc:
             if self._unknown == "skip":
@@ -236,13 +254,15 @@ class Intake:
             return
         record.shop = calls[0].shop if calls else None
         record.calls = calls
-        if rejected:
-            # Some calls (an order's bad line item) broke the contract: they are never sent, the rest are.
+        if rejected or delivered:
+            # Calls that broke the contract (an order's bad line item) are never sent, and neither are those
+            # a re-driven record delivered before; the rest are.
             record.failed_calls = [
                 CallFailure(index, calls[index].method, None, reason, stage="translate")
                 for index, reason in rejected
+                if index not in delivered
             ]
-            skipped = {index for index, _ in rejected}
+            skipped = {index for index, _ in rejected} | delivered
             record.send_index = [i for i in range(len(calls)) if i not in skipped]
             calls = [calls[i] for i in record.send_index]
         record.payloads = self._encode(calls)
@@ -295,7 +315,7 @@ class Intake:
             if self._paused_for_load
             else {tp for tp, (resume_at, _) in self._decode_retry.items() if resume_at > now}
         )
-        wanted_paused |= self.held
+        wanted_paused |= self.held | self._finished
         current = self._currently_paused
         if wanted_paused != current:
             to_pause = wanted_paused - current
@@ -398,6 +418,7 @@ class Intake:
             self._decode_retry.pop(tp, None)
             self.commit_times.pop(tp, None)
             self.lag.pop(tp, None)
+            self._finished.discard(tp)
         self._currently_paused = self._currently_paused - set(tps)
 
 

@@ -37,13 +37,16 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from consumer import __version__
 
 TopicPartition = tuple[str, int]
+
+# The *_created series double the histogram output and carry nothing a dashboard or alert uses.
+disable_created_metrics()
 
 
 @dataclass

@@ -63,6 +63,11 @@ class Record:
     #: Calls that got a permanent answer; every other call was delivered.
     failed_calls: list[CallFailure] = field(default_factory=list)
     send_index: list[int] | None = None
+    #: Where the record first came from, when it is re-driven from a dead-letter topic: (topic, partition,
+    #: offset). Dead-letter headers name this origin, not the dead-letter coordinates.
+    origin: tuple[str, int, int] | None = None
+    #: How many times the record was re-driven before (a loop guard).
+    redrive_count: int = 0
     attempts: int = 0
     first_failure: float | None = None
     last_failure: float | None = None

@@ -21,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
 import structlog
@@ -37,6 +38,7 @@ from consumer.health import HealthServer
 from consumer.intake import Intake
 from consumer.metrics import RelayMetrics
 from consumer.record import Record, TopicPartition
+from consumer.redrive import RedrivePlan
 from consumer.retry import Backoff
 from consumer.settle import OffsetLedger
 from consumer.tracking import TrackingClient
@@ -83,11 +85,24 @@ def kafka_client_config(config: RelayConfig) -> dict[str, Any]:
     return {**common, "bootstrap.servers": kafka.bootstrap_servers}
 
 
+@dataclass
+class Redrive:
+    """What turns the relay into a re-drive of dead-letter topics (see consumer.redrive)."""
+
+    plan: RedrivePlan
+    #: Decoders of the original topics, by name: a dead-lettered value is decoded as its topic's were.
+    decoders: dict[str, Decoder]
+    #: Stop once every one of these partitions settled up to its offset (the end when the re-drive began).
+    stop_at: dict[TopicPartition, int]
+    on_progress: Callable[[int], None] | None = None
+
+
 class Relay:
     """One process of the relay: a member of the consumer group delivering to the tracking API."""
 
-    def __init__(self, config: RelayConfig) -> None:
+    def __init__(self, config: RelayConfig, *, redrive: Redrive | None = None) -> None:
         self.config = config
+        self.redrive = redrive
         settings = config.settings
         self.ledger = OffsetLedger()
         self.guard = DeadLetterGuard(settings.dead_letter)
@@ -114,7 +129,7 @@ class Relay:
         settings = self.config.settings
         self._stopping = asyncio.Event()
         self._intake_stopped = loop.create_future()
-        decoders = build_decoders(self.config)
+        decoders = self.redrive.decoders if self.redrive is not None else build_decoders(self.config)
         translator = Translator(self.config.shops, settings.delivery.default_shop)
         self.client = TrackingClient(settings.tracking, self.config.shops)
         await self.client.start()
@@ -149,12 +164,23 @@ class Relay:
             metrics=self.metrics,
         )
         self.dispatcher.start()
-        self.intake = Intake(settings, decoders, translator, self.ledger, self, loop, metrics=self.metrics)
+        self.intake = Intake(
+            settings,
+            decoders,
+            translator,
+            self.ledger,
+            self,
+            loop,
+            metrics=self.metrics,
+            redrive=self.redrive.plan if self.redrive is not None else None,
+            stop_at=self.redrive.stop_at if self.redrive is not None else None,
+        )
         self._start_health()
         self._install_signals(loop)
         self.intake.start()
-        progress = asyncio.create_task(self._report_progress())
-        heartbeat = asyncio.create_task(self._beat())
+        background = [asyncio.create_task(self._report_progress()), asyncio.create_task(self._beat())]
+        if self.redrive is not None:
+            background.append(asyncio.create_task(self._stop_when_caught_up(self.redrive)))
         log.info(
             "relay.started",
             version=__version__,
@@ -167,8 +193,8 @@ class Relay:
             await self._stopping.wait()
             await self._shutdown()
         finally:
-            progress.cancel()
-            heartbeat.cancel()
+            for task in background:
+                task.cancel()
             if self.health is not None:
                 self.health.stop()
             await self.dispatcher.close()
@@ -223,6 +249,27 @@ class Relay:
             if b.state == "open"
         )
         return problems
+
+    async def _stop_when_caught_up(self, redrive: Redrive) -> None:
+        """A re-drive ends at the end offsets it started with: it never chases its own output."""
+        while True:
+            reached = self.ledger.reached
+            done = sum(min(reached.get(tp, 0), end) for tp, end in redrive.stop_at.items())
+            if redrive.on_progress is not None:
+                redrive.on_progress(done)
+            if (
+                all(reached.get(tp, 0) >= end for tp, end in redrive.stop_at.items())
+                and not self.ledger.in_flight
+            ):
+                log.info(
+                    "redrive.caught_up",
+                    redriven=redrive.plan.redriven,
+                    skipped_by_filter=redrive.plan.skipped_by_filter,
+                    skipped_by_guard=redrive.plan.skipped_by_guard,
+                )
+                self.request_stop()
+                return
+            await asyncio.sleep(0.2)
 
     async def _beat(self) -> None:
         while True:

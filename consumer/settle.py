@@ -67,6 +67,8 @@ class OffsetLedger:
         self._positions: dict[TopicPartition, tuple[int, int]] = {}
         self._lock = threading.Lock()
         self.in_flight = 0
+        #: The latest committable position each partition reached (kept across revokes, for progress).
+        self.reached: dict[TopicPartition, int] = {}
 
     # --- assignment (driven by the intake thread's rebalance callbacks, run here on the loop) -------
 
@@ -117,6 +119,7 @@ class OffsetLedger:
         self.in_flight -= 1
         position = ledger.settle(record.offset)
         if position is not None:
+            self.reached[record.tp] = position
             with self._lock:
                 self._positions[record.tp] = (ledger.generation, position)
         return True
