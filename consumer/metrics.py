@@ -46,7 +46,7 @@ from consumer import __version__
 TopicPartition = tuple[str, int]
 
 # The *_created series double the histogram output and carry nothing a dashboard or alert uses.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 @dataclass
