@@ -69,7 +69,7 @@ class HealthServer:
         self._loop = loop
         try:
             port = loop.run_until_complete(self._serve())
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - handed to start(), which raises it on the caller's thread
             self._started.set_exception(exc)
             loop.close()
             return
@@ -82,8 +82,8 @@ class HealthServer:
     async def _serve(self) -> int:
         app = web.Application()
         app.router.add_get("/metrics", self._metrics_handler)
-        app.router.add_get("/healthz", lambda _r: self._probe(self._liveness))
-        app.router.add_get("/readyz", lambda _r: self._probe(self._readiness))
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
@@ -102,7 +102,13 @@ class HealthServer:
         body = generate_latest(self._metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    async def _probe(self, checks: Checks) -> web.Response:
+    async def _healthz(self, _request: web.Request) -> web.Response:
+        return self._probe(self._liveness)
+
+    async def _readyz(self, _request: web.Request) -> web.Response:
+        return self._probe(self._readiness)
+
+    def _probe(self, checks: Checks) -> web.Response:
         problems = checks()
         body = {"status": "failing" if problems else "ok", "problems": problems}
         return web.Response(
