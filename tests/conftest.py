@@ -6,13 +6,17 @@ fixture starts itself through ``tools.kafka_local`` and stops when the session e
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from confluent_kafka.admin import AdminClient
 
+from consumer.emulator import EmulatorShop, EmulatorThread
 from tests.kafka import Topics
+from tests.relay import SHOPS, RelayProcess, relay_env
 from tools import kafka_local
+from tools.registry_double import RegistryDouble
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -38,3 +42,32 @@ def topics(kafka_admin: AdminClient) -> Iterator[Topics]:
     created = Topics(kafka_admin)
     yield created
     created.delete_all()
+
+
+@pytest.fixture(scope="session")
+def registry() -> Iterator[RegistryDouble]:
+    """A Schema Registry (test double) over HTTP, for relays running as their own processes."""
+    with RegistryDouble() as double:
+        yield double
+
+
+@pytest.fixture
+def emulator() -> Iterator[EmulatorThread]:
+    """The tracking API emulator, knowing the test shops (tests.relay.SHOPS)."""
+    with EmulatorThread([EmulatorShop(partner_id=pid, api_key=key) for pid, key in SHOPS.values()]) as server:
+        yield server
+
+
+@pytest.fixture
+def relays(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
+    """Start relays as processes (``relays(config, name=..., **env)``); any still running is killed after."""
+    started: list[RelayProcess] = []
+
+    def start(config: Path, name: str = "relay", **env: str) -> RelayProcess:
+        relay = RelayProcess(config=config, log=tmp_path / f"{name}-{len(started)}.log", env=relay_env(**env))
+        started.append(relay.start())
+        return relay
+
+    yield start
+    for relay in started:
+        relay.cleanup()

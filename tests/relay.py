@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from confluent_kafka import Consumer
 from pydantic import SecretStr
 
 from consumer.config import ShopConfig
 from consumer.decode import DomainEvent
 from consumer.sample import TrafficGenerator, build_encoder
 from consumer.translate import Translator
-from tests.kafka import produce, wait_for
+from tests.kafka import produce, unique_name, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Shop key in the relay's configuration -> (partnerId, apiKey) known to the emulator.
@@ -231,3 +232,48 @@ def produce_traffic(bootstrap: str, topic: str, traffic: Traffic) -> int:
 
 def elapsed(start: float) -> float:
     return time.monotonic() - start
+
+
+#: The time of hand-built test events (epoch milliseconds).
+OCCURRED = 1_700_000_000_000
+
+
+def dead_letters(bootstrap: str, topic: str, count: int, deadline_s: float = 60) -> list[dict[str, Any]]:
+    """Read ``count`` records of a dead-letter topic from the start; each as key, value and headers."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": unique_name("dlq-reader"),
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    consumer.subscribe([topic])
+    found: list[dict[str, Any]] = []
+    try:
+
+        def enough() -> bool:
+            for message in consumer.consume(num_messages=100, timeout=0.5):
+                assert message.error() is None, message.error()
+                headers = {k: (v.decode() if v is not None else None) for k, v in message.headers() or []}
+                found.append({"key": message.key(), "value": message.value(), "headers": headers})
+            return len(found) >= count
+
+        wait_for(enough, deadline_s=deadline_s, what=f"{count} dead-letter records", interval_s=0)
+        # Nothing more than expected: one more short read finds nothing.
+        extra = consumer.consume(num_messages=10, timeout=1.0)
+        assert not [m for m in extra if m.error() is None], "a record was dead-lettered more than once"
+    finally:
+        consumer.close()
+    return found
+
+
+def event(type_name: str, **fields: Any) -> dict[str, Any]:
+    common = {
+        "eventId": "e-" + type_name,
+        "occurredAt": OCCURRED,
+        "sessionId": "visitor42",
+        "shopId": "demo",
+        "stockId": None,
+    }
+    return {**common, **fields}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -31,35 +31,6 @@ from tests.relay import (
     write_config,
 )
 from tools.registry_double import RegistryDouble
-
-
-@pytest.fixture(scope="module")
-def registry() -> Iterator[RegistryDouble]:
-    with RegistryDouble() as double:
-        yield double
-
-
-@pytest.fixture
-def emulator() -> Iterator[EmulatorThread]:
-    shops = [EmulatorShop(partner_id=pid, api_key=key) for pid, key in SHOPS.values()]
-    server = EmulatorThread(shops)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def relays(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
-    started: list[RelayProcess] = []
-
-    def start(config: Path, name: str = "relay") -> RelayProcess:
-        relay = RelayProcess(config=config, log=tmp_path / f"{name}-{len(started)}.log").start()
-        started.append(relay)
-        return relay
-
-    yield start
-    for relay in started:
-        relay.cleanup()
 
 
 def _registry_client(registry: RegistryDouble):  # type: ignore[no-untyped-def]

@@ -4,30 +4,21 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 
 from consumer.decode import registry_client
 from consumer.emulator import EmulatorShop, EmulatorThread, Faults
 from consumer.sample import build_encoder
 from tests.kafka import Topics, end_offsets, produce, unique_name
-from tests.relay import ROOT, SHOPS, RelayProcess, canonical, relay_env, write_config
-from tests.test_failures import dead_letters, event
+from tests.relay import ROOT, SHOPS, RelayProcess, canonical, dead_letters, event, relay_env, write_config
 from tools.registry_double import RegistryDouble
 
 REJECTED_ORDER_ITEM = 11
 REJECTED_VIEW = 77
-
-
-@pytest.fixture(scope="module")
-def registry() -> Iterator[RegistryDouble]:
-    with RegistryDouble() as double:
-        yield double
 
 
 def rr(*args: str) -> subprocess.CompletedProcess[str]:

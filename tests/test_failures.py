@@ -7,19 +7,17 @@ import io
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
-from confluent_kafka import Consumer
 from confluent_kafka.schema_registry import Schema
 from fastavro import parse_schema, schemaless_writer
 
 from consumer.decode import DomainEvent, registry_client
-from consumer.emulator import EmulatorShop, EmulatorThread, Faults
+from consumer.emulator import EmulatorThread, Faults
 from consumer.sample import build_encoder
 from consumer.translate import Translator
 from tests.kafka import Topics, committed_offsets, end_offsets, produce, unique_name, wait_for
@@ -27,82 +25,14 @@ from tests.relay import (
     SHOPS,
     RelayProcess,
     canonical,
+    dead_letters,
+    event,
     generate,
     received,
-    relay_env,
     test_shops,
     write_config,
 )
 from tools.registry_double import RegistryDouble
-
-OCCURRED = 1_700_000_000_000
-
-
-@pytest.fixture(scope="module")
-def registry() -> Iterator[RegistryDouble]:
-    with RegistryDouble() as double:
-        yield double
-
-
-@pytest.fixture
-def emulator() -> Iterator[EmulatorThread]:
-    with EmulatorThread([EmulatorShop(partner_id=pid, api_key=key) for pid, key in SHOPS.values()]) as server:
-        yield server
-
-
-@pytest.fixture
-def relays(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
-    started: list[RelayProcess] = []
-
-    def start(config: Path, name: str = "relay", **env: str) -> RelayProcess:
-        relay = RelayProcess(config=config, log=tmp_path / f"{name}-{len(started)}.log", env=relay_env(**env))
-        started.append(relay.start())
-        return relay
-
-    yield start
-    for relay in started:
-        relay.cleanup()
-
-
-def dead_letters(bootstrap: str, topic: str, count: int, deadline_s: float = 60) -> list[dict[str, Any]]:
-    """Read ``count`` records of a dead-letter topic from the start; each as key, value and headers."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": unique_name("dlq-reader"),
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
-    )
-    consumer.subscribe([topic])
-    found: list[dict[str, Any]] = []
-    try:
-
-        def enough() -> bool:
-            for message in consumer.consume(num_messages=100, timeout=0.5):
-                assert message.error() is None, message.error()
-                headers = {k: (v.decode() if v is not None else None) for k, v in message.headers() or []}
-                found.append({"key": message.key(), "value": message.value(), "headers": headers})
-            return len(found) >= count
-
-        wait_for(enough, deadline_s=deadline_s, what=f"{count} dead-letter records", interval_s=0)
-        # Nothing more than expected: one more short read finds nothing.
-        extra = consumer.consume(num_messages=10, timeout=1.0)
-        assert not [m for m in extra if m.error() is None], "a record was dead-lettered more than once"
-    finally:
-        consumer.close()
-    return found
-
-
-def event(type_name: str, **fields: Any) -> dict[str, Any]:
-    common = {
-        "eventId": "e-" + type_name,
-        "occurredAt": OCCURRED,
-        "sessionId": "visitor42",
-        "shopId": "demo",
-        "stockId": None,
-    }
-    return {**common, **fields}
 
 
 def expected_calls(events: list[tuple[str, dict[str, Any]]]) -> Counter[tuple[str, str, bytes]]:

@@ -6,7 +6,7 @@ import json
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,35 +18,9 @@ from consumer.decode import registry_client
 from consumer.emulator import EmulatorShop, EmulatorThread, Faults
 from consumer.logs import SecretScrubber
 from tests.kafka import Topics, produce, unique_name, wait_for
-from tests.relay import SHOPS, RelayProcess, generate, relay_env, write_config
+from tests.relay import SHOPS, RelayProcess, generate, write_config
 from tools import kafka_local
 from tools.registry_double import RegistryDouble
-
-
-@pytest.fixture(scope="module")
-def registry() -> Iterator[RegistryDouble]:
-    with RegistryDouble() as double:
-        yield double
-
-
-@pytest.fixture
-def emulator() -> Iterator[EmulatorThread]:
-    with EmulatorThread([EmulatorShop(partner_id=pid, api_key=key) for pid, key in SHOPS.values()]) as server:
-        yield server
-
-
-@pytest.fixture
-def relays(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
-    started: list[RelayProcess] = []
-
-    def start(config: Path, **env: str) -> RelayProcess:
-        relay = RelayProcess(config=config, log=tmp_path / f"relay-{len(started)}.log", env=relay_env(**env))
-        started.append(relay.start())
-        return relay
-
-    yield start
-    for relay in started:
-        relay.cleanup()
 
 
 def get(port: int, path: str) -> tuple[int, str]:
