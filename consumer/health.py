@@ -88,11 +88,7 @@ class HealthServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
         await site.start()
-        server = (
-            site._server
-        )  # aiohttp keeps the bound socket here; it is the only way to learn port 0's port
-        sockets = getattr(server, "sockets", None) or []
-        return int(sockets[0].getsockname()[1]) if sockets else self._port
+        return int(self._runner.addresses[0][1])  # the bound port, also when 0 asked for a free one
 
     async def _shutdown(self) -> None:
         if self._runner is not None:
