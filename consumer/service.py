@@ -116,7 +116,6 @@ class Relay:
         self._intake_stopped: asyncio.Future[None] | None = None
         self.delivered = 0
         self.dead_lettered = 0
-        self.started_at = time.monotonic()
         self.metrics = RelayMetrics()
         self.heartbeat = time.monotonic()
         self.health: HealthServer | None = None
@@ -300,7 +299,7 @@ class Relay:
             unsettled=self.ledger.in_flight,
         )
 
-    async def _drain(self, remaining: Any, grace_s: float) -> None:
+    async def _drain(self, remaining: Callable[[], int], grace_s: float) -> None:
         deadline = time.monotonic() + grace_s
         while remaining() > 0 and time.monotonic() < deadline:
             await asyncio.sleep(DRAIN_POLL_S)
