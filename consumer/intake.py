@@ -44,6 +44,8 @@ log = structlog.get_logger(__name__)
 
 #: How long one consume() call may block: bounds how late a stop, a store or a resume is applied.
 POLL_TIMEOUT_S = 0.1
+#: How long one end-offset query for a paused partition may take (once per statistics interval).
+LAG_QUERY_TIMEOUT_S = 0.5
 
 
 class IntakeListener(Protocol):
@@ -127,6 +129,7 @@ class Intake:
         self.commit_times: dict[TopicPartition, float] = {}
         #: Whether any broker connection was up at the last statistics report (None: no report yet).
         self.broker_up: bool | None = None
+        self._lag_refresh_due = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rr-intake", daemon=True)
         self.consumed = 0
@@ -187,6 +190,8 @@ class Intake:
         self._store_positions(consumer)
         self._apply_pause(consumer)
         messages = consumer.consume(num_messages=self._settings.kafka.consume_batch, timeout=POLL_TIMEOUT_S)
+        if self._lag_refresh_due:
+            self._refresh_paused_lag(consumer)
         if messages:
             records = self._prepare(consumer, messages)
             if records:
@@ -359,6 +364,22 @@ class Intake:
                 if tp in self._assigned and partition.get("consumer_lag", -1) >= 0:
                     lag[tp] = int(partition["consumer_lag"])
         self.lag = lag
+        self._lag_refresh_due = bool(self._currently_paused)
+
+    def _refresh_paused_lag(self, consumer: Consumer) -> None:
+        """A paused partition is not fetched, so librdkafka's lag for it goes stale just when the backlog
+        grows (a breaker open, backpressure). Ask the broker for its end offset instead."""
+        self._lag_refresh_due = False
+        for tp in self._currently_paused & self._assigned:
+            partition = KafkaTopicPartition(tp[0], tp[1])
+            try:
+                _, high = consumer.get_watermark_offsets(partition, timeout=LAG_QUERY_TIMEOUT_S, cached=False)
+                position = consumer.position([partition])[0].offset
+            except KafkaException as exc:
+                log.debug("intake.lag_query_failed", topic=tp[0], partition=tp[1], reason=str(exc))
+                continue
+            if position >= 0:
+                self.lag[tp] = max(0, high - position)
 
     def _on_commit(self, error: KafkaError | None, partitions: list[KafkaTopicPartition]) -> None:
         if error is not None:

@@ -109,7 +109,7 @@ def test_metrics_count_exactly_what_a_known_run_did(
         assert key not in json.dumps([list(k) for k in metrics])
 
 
-def test_readiness_follows_the_breaker_while_liveness_stays_green(
+def test_an_open_breaker_pauses_the_partition_and_readiness_follows_while_liveness_stays_green(
     kafka_bootstrap: str,
     topics: Topics,
     registry: RegistryDouble,
@@ -129,6 +129,7 @@ def test_readiness_follows_the_breaker_while_liveness_stays_green(
         registry_url=registry.url,
         sections={
             "observability": {"port": port, "host": "127.0.0.1"},
+            "kafka": {"statistics_interval_ms": 200},
             "retry": {
                 "base_s": 0.05,
                 "cap_s": 0.2,
@@ -153,8 +154,37 @@ def test_readiness_follows_the_breaker_while_liveness_stays_green(
     assert "circuit breaker open for shop 'demo'" in json.loads(body)["problems"]
     assert get(port, "/healthz")[0] == 200, "alive: an API outage is no reason to restart"
 
+    # While the breaker is open the partition feeding the shop is paused: new events stay in Kafka.
+    consumed = value(samples(get(port, "/metrics")[1]), "rr_records_consumed_total", topic=topic)
+    more = generate(100, registry=registry_client(registry.url), seed=8, shops=("demo",))
+    produce(kafka_bootstrap, topic, more.records)
+    lagging = wait_for(
+        lambda: (
+            (m := samples(get(port, "/metrics")[1]))
+            and value(m, "rr_consumer_lag", topic=topic, partition="0") >= 100
+            and m
+        ),
+        deadline_s=30,
+        what="librdkafka to report the new events as lag",
+    )
+    assert value(lagging, "rr_records_consumed_total", topic=topic) == consumed, "nothing read while held"
+    assert value(lagging, "rr_breaker_open", shop="demo") == 1
+
     emulator.set_faults(Faults())
     wait_for(lambda: get(port, "/readyz")[0] == 200, deadline_s=60, what="ready again after the outage")
+    wait_for(
+        lambda: (
+            value(
+                samples(get(port, "/metrics")[1]),
+                "rr_records_settled_total",
+                topic=topic,
+                outcome="delivered",
+            )
+            == 150
+        ),
+        deadline_s=60,
+        what="everything delivered once the breaker closed",
+    )
     assert relay.terminate() == 0
 
 
