@@ -65,7 +65,12 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _add_config(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = commands.add_parser("config", help="check a configuration")
+    parser = commands.add_parser(
+        "config",
+        help="check a configuration",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  RR_API_KEY_DEMO=... rr-consumer config check --config config.example.toml",
+    )
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     check = actions.add_parser(
         "check",
@@ -110,6 +115,11 @@ def _add_emulator(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         "emulator",
         help="run the tracking API emulator",
         description="Serve the Retail Rocket tracking API contract on /1.0/ and an admin API on /_emulator/.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  rr-consumer emulator --port 8080 --shop demo:demo-key\n"
+        "  rr-consumer emulator --port 8080 --shop demo:env:RR_API_KEY_DEMO --latency-ms 100 \\\n"
+        "      --error-rate 0.01\n"
+        "  curl -s localhost:8080/_emulator/counters",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument(
@@ -298,7 +308,13 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def _add_dlq(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = commands.add_parser("dlq", help="inspect or re-drive dead-lettered records")
+    parser = commands.add_parser(
+        "dlq",
+        help="inspect or re-drive dead-lettered records",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  rr-consumer dlq inspect --config relay.toml --stage deliver\n"
+        "  rr-consumer dlq redrive --config relay.toml --status 401",
+    )
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     inspect = actions.add_parser(
         "inspect",
