@@ -449,3 +449,54 @@ def test_a_transient_failure_older_than_the_maximum_age_is_dead_lettered(
     assert headers["rr.dlq.http.status"] == "503"
     assert "max_age" in headers["rr.dlq.error.message"]
     assert int(headers["rr.dlq.attempts"]) >= 2
+
+
+def test_an_unknown_event_type_is_skipped_and_committed_when_so_configured(
+    kafka_bootstrap: str,
+    topics: Topics,
+    registry: RegistryDouble,
+    emulator: EmulatorThread,
+    relays: Callable[..., RelayProcess],
+    tmp_path: Path,
+) -> None:
+    client = registry_client(registry.url)
+    encoder = build_encoder("confluent-avro", registry=client)
+    other = {
+        "type": "record",
+        "name": "PageScrolled",
+        "namespace": "com.other",
+        "fields": [{"name": "depth", "type": "int"}],
+    }
+    other_id = client.register_schema("com.other.PageScrolled", Schema(orjson.dumps(other).decode(), "AVRO"))
+    body = io.BytesIO()
+    schemaless_writer(body, parse_schema(other), {"depth": 3})
+    view = event("ProductViewed", productId=8, groupId=None)
+    topic = topics.create("skip")
+    dlq = topics.create_named(f"{topic}.dlq")
+    group = unique_name("group")
+    produce(
+        kafka_bootstrap,
+        topic,
+        [
+            (b"scroller", b"\x00" + other_id.to_bytes(4, "big") + body.getvalue()),
+            (b"visitor42", encoder.encode("ProductViewed", view)),
+        ],
+    )
+    config = write_config(
+        tmp_path / "relay.toml",
+        bootstrap=kafka_bootstrap,
+        topics=[topic],
+        group=group,
+        emulator_url=emulator.url,
+        registry_url=registry.url,
+        sections={"delivery": {"unknown_event": "skip"}},
+    )
+    relay = relays(config)
+    wait_for(
+        lambda: committed_offsets(kafka_bootstrap, group, topic, 1) == {0: 2},
+        deadline_s=60,
+        what="both records committed",
+    )
+    assert relay.terminate() == 0
+    assert received(emulator) == expected_calls([("ProductViewed", view)])
+    assert end_offsets(kafka_bootstrap, dlq, 1) == {0: 0}, "skipped, not dead-lettered"
