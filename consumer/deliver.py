@@ -44,6 +44,8 @@ from consumer.tracking import Outcome, Permanent, TrackingClient, Transient
 log = structlog.get_logger(__name__)
 
 Done = Callable[[Record], None]
+#: Reports a whole batch's records at once: settlement per batch, not per record, on the hot path.
+DoneMany = Callable[[list[Record]], None]
 Owns = Callable[[Record], bool]
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[object]]
@@ -58,6 +60,14 @@ class Expired(Exception):
     def __init__(self, last: Transient) -> None:
         super().__init__(EXPIRED)
         self.last = last
+
+
+def _one_by_one(done: Done) -> DoneMany:
+    def done_many(records: list[Record]) -> None:
+        for record in records:
+            done(record)
+
+    return done_many
 
 
 def ordering_key(mode: str) -> Callable[[Record], Hashable | None]:
@@ -179,6 +189,7 @@ class Dispatcher:
         breakers: Mapping[str, CircuitBreaker],
         done: Done,
         owns: Owns,
+        done_many: DoneMany | None = None,
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
         metrics: RelayMetrics | None = None,
@@ -187,6 +198,7 @@ class Dispatcher:
         self._config = delivery
         self._tracking = tracking
         self._done = done
+        self._done_many = done_many or _one_by_one(done)
         self._owns = owns
         self._key_of = ordering_key(delivery.ordering)
         self._caller = _Caller(client, backoff, breakers, owns, clock, sleep, metrics or RelayMetrics())
@@ -320,9 +332,8 @@ class Dispatcher:
                     CallFailure(i, call.method, outcome.status, outcome.reason)
                     for i, call in record.sendable()
                 )
-        for record in records:
-            if self._owns(record):
-                self._done(record)
+        # Settlement checks ownership itself: a record revoked meanwhile is dropped there.
+        self._done_many(records)
 
     async def _resend_singly(self, records: list[Record]) -> None:
         """Re-send a refused batch's records one call at a time: keys in parallel, each key in order."""

@@ -42,6 +42,20 @@ class DeadLetterGuard:
         if dead:
             self._dead += 1
 
+    def note_delivered(self, count: int) -> None:
+        """Count ``count`` records that settled without a dead letter (a batch's worth)."""
+        window = self._window
+        size = window.maxlen or 0
+        if count >= size:
+            window.clear()
+            window.extend([False] * size)
+            self._dead = 0
+            return
+        for _ in range(min(count, len(window) + count - size)):
+            if window.popleft():
+                self._dead -= 1
+        window.extend([False] * count)
+
     def would_trip(self, extra_dead: int = 1) -> bool:
         """Would ``extra_dead`` more dead-lettered records cross the threshold?"""
         dead = self._dead + extra_dead

@@ -124,6 +124,27 @@ class OffsetLedger:
                 self._positions[record.tp] = (ledger.generation, position)
         return True
 
+    def settle_many(self, records: list[Record]) -> int:
+        """Mark delivered records settled (a batch's worth); return how many were still ours."""
+        partitions = self._partitions
+        settled = 0
+        moved: dict[TopicPartition, tuple[int, int]] = {}
+        for record in records:
+            ledger = partitions.get(record.tp)
+            if ledger is None or ledger.generation != record.generation:
+                continue
+            settled += 1
+            position = ledger.settle(record.offset)
+            if position is not None:
+                moved[record.tp] = (ledger.generation, position)
+        self.in_flight -= settled
+        if moved:
+            for tp, (_, position) in moved.items():
+                self.reached[tp] = position
+            with self._lock:
+                self._positions.update(moved)
+        return settled
+
     def take_positions(self) -> dict[TopicPartition, tuple[int, int]]:
         """Positions settled since the last call, as ``{tp: (generation, offset)}`` (intake thread)."""
         with self._lock:

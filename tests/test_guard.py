@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from consumer.breaker import CircuitBreaker
 from consumer.config import DeadLetterConfig
 from consumer.guard import DeadLetterGuard
@@ -102,3 +105,17 @@ def test_while_open_other_callers_wait_for_the_probe_to_close_the_breaker() -> N
 
     results = asyncio.run(scenario())
     assert results == [True, False, False, False, False, False]
+
+
+@given(st.lists(st.booleans(), max_size=300), st.integers(min_value=0, max_value=250))
+def test_counting_a_batch_of_deliveries_at_once_equals_counting_them_one_by_one(
+    history: list[bool], batch: int
+) -> None:
+    one, many = guard(window=100), guard(window=100)
+    for dead in history:
+        one.note(dead)
+        many.note(dead)
+    for _ in range(batch):
+        one.note(False)
+    many.note_delivered(batch)
+    assert (many.ratio, many.would_trip()) == (one.ratio, one.would_trip())

@@ -88,3 +88,23 @@ def test_settled_positions_are_handed_to_the_intake_once_with_their_generation()
     assert ledger.take_positions() == {TP: (3, 2)}
     assert ledger.take_positions() == {}, "taken once"
     assert ledger.in_flight == 0
+
+
+@given(st.permutations(list(range(30))), st.integers(min_value=1, max_value=30))
+def test_settling_a_batch_at_once_moves_the_position_as_settling_one_by_one(
+    order: list[int], size: int
+) -> None:
+    one, many = OffsetLedger(), OffsetLedger()
+    for ledger in (one, many):
+        ledger.assign(TP, generation=1)
+    records = [record(offset) for offset in range(30)]
+    one.track(records)
+    many.track(records)
+    for start in range(0, 30, size):
+        chunk = [records[i] for i in order[start : start + size]]
+        for item in chunk:
+            one.settle(item)
+        assert many.settle_many(chunk) == len(chunk)
+        assert many.take_positions() == one.take_positions()
+        assert many.in_flight == one.in_flight
+    assert many.reached == one.reached == {TP: 30}
