@@ -40,7 +40,17 @@ class TokenBucket:
     a burst.
     """
 
-    __slots__ = ("_clock", "_held_until", "_interval", "_shift", "_tat", "_tolerance", "burst", "rate")
+    __slots__ = (
+        "_clock",
+        "_held_until",
+        "_interval",
+        "_released_tat",
+        "_shift",
+        "_tat",
+        "_tolerance",
+        "burst",
+        "rate",
+    )
 
     def __init__(self, rate: float, burst: float | None = None, clock: Clock = time.monotonic) -> None:
         if not rate > 0:
@@ -54,6 +64,8 @@ class TokenBucket:
         # How far ahead of ``now`` the schedule may run before a caller has to wait: burst - 1 slots.
         self._tolerance = 0.0 if math.isinf(rate) else (self.burst - 1.0) * self._interval
         self._tat = -math.inf
+        # The same schedule, kept on the times callers were actually let go (see acquire).
+        self._released_tat = -math.inf
         self._held_until = -math.inf
         # Total delay added by holds so far; a waiter compares it with its own copy to see a hold it missed.
         self._shift = 0.0
@@ -94,8 +106,25 @@ class TokenBucket:
                 shift = self._shift
             delay = send_at - self._clock()
             if delay <= 0:
-                return
+                delay = self._release()
+                if delay <= 0:
+                    return
             await sleep(delay)
+
+    def _release(self) -> float:
+        """Let a caller go only if the calls actually let go keep to the rate and burst; else the wait.
+
+        Booked slots are spaced correctly, but a busy event loop can wake many of their holders late and at
+        once; they would then all go together, a burst the API answers with 429. Checking the real release
+        times too keeps the calls that leave within the limit, whatever the loop's delays.
+        """
+        now = self._clock()
+        start = max(self._released_tat, now)
+        wait = start - self._tolerance - now
+        if wait > 0:
+            return wait
+        self._released_tat = start + self._interval
+        return 0.0
 
     def hold_until(self, deadline: float) -> None:
         """Grant no slot before ``deadline`` (a time on this bucket's clock); the queue moves back with it.

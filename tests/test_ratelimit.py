@@ -297,3 +297,23 @@ def test_each_shop_gets_its_own_bucket_at_its_configured_rate() -> None:
     with pytest.raises(KeyError):
         limiters["unknown"]
     assert "ka" not in repr(limiters)
+
+
+async def test_callers_woken_late_and_at_once_by_a_busy_loop_still_leave_at_the_rate() -> None:
+    time = VirtualTime()
+    bucket = TokenBucket(rate=10, burst=2, clock=time.clock)
+    served: list[float] = []
+
+    async def caller() -> None:
+        await bucket.acquire(time.sleep)
+        served.append(time.now)
+
+    tasks = [asyncio.create_task(caller()) for _ in range(12)]
+    await time.run(tasks, until=0.05)  # two went at once (the burst); ten sleep until 0.1 ... 1.0
+    time.now = 3.0  # the loop was stuck for three seconds: every booked slot is in the past now
+    await time.run(tasks)
+
+    assert len(served) == 12
+    assert most_in_any_window(served, 0.1 - EPS) <= 2, "never more than the burst within 1/rate"
+    late = [t for t in served if t >= 3.0]
+    assert late == pytest.approx([3.0 + 0.1 * i for i in range(len(late))][: len(late)], abs=0.101)
