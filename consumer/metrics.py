@@ -87,6 +87,9 @@ class RelayMetrics:
             registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
+        # One child histogram per method, looked up once: labels() takes a lock and builds a key each call,
+        # and in single mode this runs for every event.
+        self._durations: dict[str, Histogram] = {}
         self.registry.register(_Collector(self))
 
     def observe_request(
@@ -94,7 +97,10 @@ class RelayMetrics:
     ) -> None:
         """One HTTP request to the tracking API (called once per request, not per event)."""
         self.requests[(shop, method, "error" if status is None else str(status))] += 1
-        self.request_duration.labels(method).observe(seconds)
+        duration = self._durations.get(method)
+        if duration is None:
+            duration = self._durations[method] = self.request_duration.labels(method)
+        duration.observe(seconds)
         if method == "visitorEvents":
             self.batch_events.observe(events)
 

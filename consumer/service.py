@@ -451,12 +451,17 @@ class Relay:
     def _count_settled(self, record: Record, outcome: str) -> None:
         metrics = self.metrics
         metrics.settled[(record.tp[0], outcome)] += 1
-        if not record.calls or record.shop is None:
+        shop = record.shop
+        if not record.calls or shop is None:
+            return
+        calls = metrics.calls
+        if not record.failed_calls:  # nearly every record (all of single mode's): no set, no index look-up
+            for call in record.calls:
+                calls[(shop, call.method, "delivered")] += 1
             return
         failed = {failure.index for failure in record.failed_calls}
-        calls = metrics.calls
         for index, call in enumerate(record.calls):
-            calls[(record.shop, call.method, "permanent" if index in failed else "delivered")] += 1
+            calls[(shop, call.method, "permanent" if index in failed else "delivered")] += 1
 
     def _dead_letter_failed(self, record: Record, reason: str) -> None:
         """The dead-letter topic refused the record: keep it unsettled and try again after a backoff."""
