@@ -15,6 +15,7 @@ help:
 	@echo "make test-unit  only the fast tests that need no broker"
 	@echo "make lint       ruff and mypy --strict"
 	@echo "make kafka-up   start a local broker in the background (make kafka-down stops it)"
+	@echo "make bench      the benchmark (about 10 minutes); writes BENCHMARKS.md"
 
 venv: $(STAMP)
 
@@ -50,6 +51,11 @@ kafka-down: venv
 
 run: venv
 	$(PY) -m tools.local_stack
+
+# The full benchmark (about 10 minutes): writes BENCHMARKS.md. Not part of `make test`.
+bench: venv
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	$(PY) -m tools.bench
 
 clean:
 	-$(PY) -m tools.kafka_local down
