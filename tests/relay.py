@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from confluent_kafka import Consumer
 from pydantic import SecretStr
 
 from consumer.config import ShopConfig
+from consumer.contract import TrackingCall
 from consumer.decode import DomainEvent
 from consumer.sample import TrafficGenerator, build_encoder
 from consumer.translate import Translator
@@ -179,17 +180,26 @@ def generate(
 ) -> Traffic:
     generator = TrafficGenerator(seed=seed, shops=list(shops), visitors=visitors, now_ms=1_700_000_000_000)
     encoder = build_encoder(fmt, registry=registry)  # type: ignore[arg-type]
-    translator = Translator(test_shops())
     events = list(generator.events(count))
     records = [(fields["sessionId"].encode(), encoder.encode(name, fields)) for name, fields in events]
-    expected: Counter[tuple[str, str, bytes]] = Counter()
     by_session: dict[str, list[tuple[str, bytes]]] = {}
+    for call in _sent_calls(events):
+        by_session.setdefault(call.body["sessionExternalId"], []).append((call.method, canonical(call.body)))
+    return Traffic(events, records, expected_calls(events), by_session)
+
+
+def _sent_calls(events: Iterable[tuple[str, dict[str, Any]]]) -> Iterator[TrackingCall]:
+    """The calls the contract lets go for these events, in order (an order's bad items are withheld)."""
+    translator = Translator(test_shops())
     for name, fields in events:
-        for call in translator.translate(DomainEvent(name, fields)):
-            body = canonical(call.body)
-            expected[(SHOPS[call.shop][0], call.method, body)] += 1
-            by_session.setdefault(call.body["sessionExternalId"], []).append((call.method, body))
-    return Traffic(events, records, expected, by_session)
+        calls, rejected = translator.translate_partial(DomainEvent(name, fields))
+        bad = {index for index, _ in rejected}
+        yield from (call for index, call in enumerate(calls) if index not in bad)
+
+
+def expected_calls(events: Iterable[tuple[str, dict[str, Any]]]) -> Counter[tuple[str, str, bytes]]:
+    """What the emulator should hold for these events: (partnerId, method, canonical body) with counts."""
+    return Counter((SHOPS[call.shop][0], call.method, canonical(call.body)) for call in _sent_calls(events))
 
 
 def canonical(body: Any) -> bytes:

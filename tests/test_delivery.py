@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import random
 import threading
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from tests.relay import (
     SHOPS,
     RelayProcess,
     canonical,
+    expected_calls,
     generate,
     produce_traffic,
     received,
@@ -299,7 +299,7 @@ def test_a_replay_from_an_earlier_offset_resends_events_with_their_original_time
     kafka_admin.alter_consumer_group_offsets([rewind])[group].result(timeout=30)
     emulator.reset()
     replay_traffic = generate(400, registry=_registry_client(registry), seed=53)
-    replayed = _expected_from(replay_traffic, first=300)
+    replayed = expected_calls(replay_traffic.events[300:])
     relay = relays(config, name="replay")
     got = wait_delivered(emulator, replayed, relays=[relay])
     assert relay.terminate() == 0
@@ -308,19 +308,6 @@ def test_a_replay_from_an_earlier_offset_resends_events_with_their_original_time
     assert got == replayed, "exactly the records from offset 300 on, nothing earlier, original timestamps"
     assert sum(first_run.values()) > sum(got.values())
     assert committed_offsets(kafka_bootstrap, group, topic, 1) == {0: 400}
-
-
-def _expected_from(traffic, first: int) -> Counter[tuple[str, str, bytes]]:  # type: ignore[no-untyped-def]
-    from consumer.decode import DomainEvent
-    from consumer.translate import Translator
-    from tests.relay import test_shops
-
-    translator = Translator(test_shops())
-    expected: Counter[tuple[str, str, bytes]] = Counter()
-    for name, fields in traffic.events[first:]:
-        for call in translator.translate(DomainEvent(name, fields)):
-            expected[(SHOPS[call.shop][0], call.method, canonical(call.body))] += 1
-    return expected
 
 
 def test_sigterm_stops_cleanly_with_exit_status_zero(

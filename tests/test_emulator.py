@@ -105,7 +105,7 @@ async def eventually(condition: Callable[[], Awaitable[bool]], timeout: float = 
     deadline = time.monotonic() + timeout
     while not await condition():
         assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # the poll interval of a deadline-bounded wait (noqa: sleep-ok)
 
 
 # --- the contract ------------------------------------------------------------------------------------

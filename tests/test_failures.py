@@ -10,41 +10,26 @@ from collections import Counter
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import orjson
 from confluent_kafka.schema_registry import Schema
 from fastavro import parse_schema, schemaless_writer
 
-from consumer.decode import DomainEvent, registry_client
+from consumer.decode import registry_client
 from consumer.emulator import EmulatorThread, Faults
 from consumer.sample import build_encoder
-from consumer.translate import Translator
 from tests.kafka import Topics, committed_offsets, end_offsets, produce, unique_name, wait_for
 from tests.relay import (
     SHOPS,
     RelayProcess,
-    canonical,
     dead_letters,
     event,
+    expected_calls,
     generate,
     received,
-    test_shops,
     write_config,
 )
 from tools.registry_double import RegistryDouble
-
-
-def expected_calls(events: list[tuple[str, dict[str, Any]]]) -> Counter[tuple[str, str, bytes]]:
-    translator = Translator(test_shops())
-    expected: Counter[tuple[str, str, bytes]] = Counter()
-    for name, fields in events:
-        calls, rejected = translator.translate_partial(DomainEvent(name, fields))
-        bad = {index for index, _ in rejected}
-        for index, call in enumerate(calls):
-            if index not in bad:
-                expected[(SHOPS[call.shop][0], call.method, canonical(call.body))] += 1
-    return expected
 
 
 def test_every_kind_of_poison_record_is_dead_lettered_once_and_good_ones_still_flow(
