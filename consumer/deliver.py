@@ -99,7 +99,6 @@ class _Caller:
         self.owns = owns
         self.clock = clock
         self.sleep = sleep
-        self.retries = 0
 
     async def call(
         self, shop: str, method: str, payload: bytes, timeout: float, records: list[Record]
@@ -126,7 +125,6 @@ class _Caller:
                 # The server named a time: no call to this shop before it, from any sender. The hold is
                 # on the client's clock (the one its rate limiters run on).
                 self.client.limiters[shop].hold_until(self.clock() + outcome.retry_after)
-            self.retries += 1
             self.metrics.retries[shop] += 1
             first = records[0]
             log.debug(
@@ -213,10 +211,6 @@ class Dispatcher:
         self._ready: asyncio.Queue[Record] = asyncio.Queue()
         self._busy: set[Hashable] = set()
         self.batches_sent = 0
-
-    @property
-    def retries(self) -> int:
-        return self._caller.retries
 
     # --- lifecycle -----------------------------------------------------------------------------------
 

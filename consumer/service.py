@@ -528,7 +528,7 @@ class Relay:
                 dead_lettered=self.dead_lettered,
                 in_flight=self.ledger.in_flight,
                 records_per_s=round(rate, 1),
-                retries=self.dispatcher.retries,
+                retries=sum(self.metrics.retries.values()),
                 partitions=len(self.intake.assigned),
             )
 
