@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import uuid
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,10 @@ def _java_processes_using(data_dir: Path) -> list[int]:
         if "java" in cmdline and str(data_dir) in cmdline and state != "Z":
             found.append(int(proc.name))
     return found
+
+
+def test_cluster_ids_never_start_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An id starting with "-" is taken for an option by the storage tool; such draws must be skipped.
+    draws = iter([uuid.UUID(bytes=b"\xfb" + bytes(15)), uuid.UUID(bytes=b"\x01" * 16)])
+    monkeypatch.setattr(kafka_local.uuid, "uuid4", lambda: next(draws))
+    assert kafka_local._cluster_id() == "AQEBAQEBAQEBAQEBAQEBAQ"

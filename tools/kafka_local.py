@@ -134,8 +134,15 @@ def free_port() -> int:
 
 
 def _cluster_id() -> str:
-    """Kafka's cluster id: 16 random bytes, URL-safe base64 without padding (what `random-uuid` prints)."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    """Kafka's cluster id: 16 random bytes, URL-safe base64 without padding (what `random-uuid` prints).
+
+    Like Kafka's own ``Uuid.randomUuid``, never one that starts with ``-``: the storage tool's argument
+    parser would take it for an option (one start in 64 failed that way).
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def _tail(text: str, lines: int = 40) -> str:
