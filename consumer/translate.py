@@ -19,9 +19,14 @@ Orders: line items of one product are merged, as Retail Rocket's own tracker doe
 unit prices, ``price`` is their quantity-weighted mean, so ``quantity * price`` still equals what was paid.
 ``transaction`` is the order id.
 
-Every call is checked with :func:`consumer.contract.validate_call` (the rules the emulator enforces) before it
-leaves here; a call that breaks them, an event of an unconfigured shop, or an event that lacks a field
-raises :class:`~consumer.errors.TranslateError` (permanent: the record is dead-lettered without an HTTP call).
+Every call is checked against the contract (the rules the emulator enforces) before it leaves here; a call
+that breaks them, an event of an unconfigured shop, or an event that lacks a field raises
+:class:`~consumer.errors.TranslateError` (permanent: the record is dead-lettered without an HTTP call). The
+common event types check their few fields inline as they build the body (:func:`_session_ok` and friends:
+the same rules, in a fraction of the time of :func:`consumer.contract.validate_call`); only a call that
+fails an inline check, or one of a type without them (orders), goes through ``validate_call``, which then
+names the field and the reason. The inline checks may refuse more than the contract (that costs only the
+slow path), never less: ``tests/test_translate.py`` holds them to that.
 Reasons name the field and quote the event's own values, never a credential: the translator only ever sees
 shop keys.
 
@@ -37,12 +42,14 @@ from typing import Any, Final
 
 from consumer import events
 from consumer.config import ShopConfig
-from consumer.contract import TrackingCall, Violation, validate_call
+from consumer.contract import MAX_ID, MAX_STRING, TrackingCall, Violation, validate_call
 from consumer.decode import DomainEvent
 from consumer.errors import ConfigError, TranslateError
 
 Body = dict[str, Any]
-_Handler = Callable[[dict[str, Any], str], list[TrackingCall]]
+#: A handler returns the calls and whether its inline checks passed them all (see the module docstring).
+_Built = tuple[list[TrackingCall], bool]
+_Handler = Callable[[dict[str, Any], str], _Built]
 
 #: Where each body field comes from in the event, to point a dead-letter reader at the right value.
 _SOURCE: Final[Mapping[str, str]] = {
@@ -82,11 +89,12 @@ class Translator:
 
     def translate(self, event: DomainEvent) -> list[TrackingCall]:
         """The calls ``event`` implies, each valid under the contract; raises TranslateError otherwise."""
-        calls = self._build(event)
-        for call in calls:
-            violation = validate_call(call)
-            if violation is not None:
-                raise _violation_error(call, violation)
+        calls, checked = self._build(event)
+        if not checked:
+            for call in calls:
+                violation = validate_call(call)
+                if violation is not None:
+                    raise _violation_error(call, violation)
         return calls
 
     def translate_partial(self, event: DomainEvent) -> tuple[list[TrackingCall], list[tuple[int, str]]]:
@@ -96,7 +104,9 @@ class Translator:
         bad line item still delivers its good items, and only the bad one is dead-lettered. When no call is
         valid, this raises TranslateError as :meth:`translate` does.
         """
-        calls = self._build(event)
+        calls, checked = self._build(event)
+        if checked:
+            return calls, []
         rejected: list[tuple[int, str]] = []
         first: TranslateError | None = None
         for index, call in enumerate(calls):
@@ -109,20 +119,20 @@ class Translator:
             raise first
         return calls, rejected
 
-    def _build(self, event: DomainEvent) -> list[TrackingCall]:
+    def _build(self, event: DomainEvent) -> _Built:
         handler = self._handlers.get(event.type)
         if handler is None:
             raise TranslateError(f"no translation for event type {event.type!r}", field="type")
         fields = event.fields
         try:
-            calls = handler(fields, self._shop_of(fields))
+            built = handler(fields, self._shop_of(fields))
         # Only hand-built events get here: decoded ones carry every field, each of its schema's type.
         except KeyError as exc:
             name = str(exc.args[0])
             raise TranslateError(f"{event.type} event lacks the field {name!r}", field=name) from None
         except TypeError as exc:
             raise TranslateError(f"{event.type} event has a field of the wrong type: {exc}") from None
-        return calls
+        return built
 
     def _shop_of(self, fields: dict[str, Any]) -> str:
         shop = fields[events.SHOP_ID]
@@ -132,43 +142,44 @@ class Translator:
             return self._default_shop
         raise TranslateError(f"shop {shop!r} is not configured and there is no default shop", field="shopId")
 
-    # --- one method per event type; each returns the calls, unvalidated ---------------------------------
+    # --- one method per event type; each returns the calls and whether its inline checks passed them ---
     # Bodies are dict literals built in place: this runs once per record, and merging a common part into
     # each body cost more than the rest of the translation.
 
-    def _product_viewed(self, fields: dict[str, Any], shop: str) -> list[TrackingCall]:
+    def _product_viewed(self, fields: dict[str, Any], shop: str) -> _Built:
+        session, product = fields[events.SESSION_ID], fields["productId"]
         group = fields.get("groupId")
+        checked = _session_ok(session) and _id_ok(product) and _time_and_stock_ok(fields)
         if group is None:
-            body: Body = {"sessionExternalId": fields[events.SESSION_ID], "productId": fields["productId"]}
-            return [TrackingCall(shop, "view", _with_time_and_stock(body, fields))]
-        body = {
-            "sessionExternalId": fields[events.SESSION_ID],
-            "groupId": group,
-            "productId": fields["productId"],
-        }
-        return [TrackingCall(shop, "groupView", _with_time_and_stock(body, fields))]
+            body: Body = {"sessionExternalId": session, "productId": product}
+            return [TrackingCall(shop, "view", _with_time_and_stock(body, fields))], checked
+        body = {"sessionExternalId": session, "groupId": group, "productId": product}
+        call = TrackingCall(shop, "groupView", _with_time_and_stock(body, fields))
+        return [call], checked and _id_ok(group)
 
-    def _category_viewed(self, fields: dict[str, Any], shop: str) -> list[TrackingCall]:
+    def _category_viewed(self, fields: dict[str, Any], shop: str) -> _Built:
+        session, category, at = fields[events.SESSION_ID], fields["categoryId"], fields[events.OCCURRED_AT]
         body: Body = {  # categoryView and search take no stockId
-            "sessionExternalId": fields[events.SESSION_ID],
-            "categoryId": fields["categoryId"],
-            "timestamp": _timestamp(fields[events.OCCURRED_AT]),
+            "sessionExternalId": session,
+            "categoryId": category,
+            "timestamp": _timestamp(at),
         }
-        return [TrackingCall(shop, "categoryView", body)]
+        checked = _session_ok(session) and _id_ok(category) and type(at) is int
+        return [TrackingCall(shop, "categoryView", body)], checked
 
-    def _search_performed(self, fields: dict[str, Any], shop: str) -> list[TrackingCall]:
-        body: Body = {
-            "sessionExternalId": fields[events.SESSION_ID],
-            "searchPhrase": fields["phrase"],
-            "timestamp": _timestamp(fields[events.OCCURRED_AT]),
-        }
-        return [TrackingCall(shop, "search", body)]
+    def _search_performed(self, fields: dict[str, Any], shop: str) -> _Built:
+        session, phrase, at = fields[events.SESSION_ID], fields["phrase"], fields[events.OCCURRED_AT]
+        body: Body = {"sessionExternalId": session, "searchPhrase": phrase, "timestamp": _timestamp(at)}
+        checked = _session_ok(session) and type(phrase) is str and type(at) is int
+        return [TrackingCall(shop, "search", body)], checked
 
-    def _item_added_to_basket(self, fields: dict[str, Any], shop: str) -> list[TrackingCall]:
-        body: Body = {"sessionExternalId": fields[events.SESSION_ID], "productId": fields["productId"]}
-        return [TrackingCall(shop, "addToBasket", _with_time_and_stock(body, fields))]
+    def _item_added_to_basket(self, fields: dict[str, Any], shop: str) -> _Built:
+        session, product = fields[events.SESSION_ID], fields["productId"]
+        body: Body = {"sessionExternalId": session, "productId": product}
+        checked = _session_ok(session) and _id_ok(product) and _time_and_stock_ok(fields)
+        return [TrackingCall(shop, "addToBasket", _with_time_and_stock(body, fields))], checked
 
-    def _order_placed(self, fields: dict[str, Any], shop: str) -> list[TrackingCall]:
+    def _order_placed(self, fields: dict[str, Any], shop: str) -> _Built:
         order, lines = fields["orderId"], fields["lines"]
         if not lines:
             raise TranslateError(f"order {order!r} has no line items", field="lines")
@@ -189,7 +200,28 @@ class Translator:
                 ),
             )
             for product, quantity, price in _merge_lines(lines)
-        ]
+        ], False  # under 1 % of events, several fields each: validate_call checks them
+
+
+# --- inline checks: True only when validate_call would pass the value (see the module docstring) ------
+
+
+def _session_ok(value: Any) -> bool:
+    """``sessionExternalId``: 1 to 50 ASCII letters and digits."""
+    return type(value) is str and 0 < len(value) <= MAX_STRING and value.isascii() and value.isalnum()
+
+
+def _id_ok(value: Any) -> bool:
+    """A product, group or category id: an integer (not a bool) from 0 to 2^53 - 1."""
+    return type(value) is int and 0 <= value <= MAX_ID
+
+
+def _time_and_stock_ok(fields: dict[str, Any]) -> bool:
+    """``timestamp`` formatted from epoch milliseconds (always valid text), ``stockId`` absent or short."""
+    stock = fields.get(events.STOCK_ID)
+    return type(fields[events.OCCURRED_AT]) is int and (
+        stock is None or (type(stock) is str and len(stock) <= MAX_STRING)
+    )
 
 
 def _violation_error(call: TrackingCall, violation: Violation) -> TranslateError:

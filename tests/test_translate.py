@@ -11,6 +11,8 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import SecretStr
 
 from consumer.config import ShopConfig
@@ -334,3 +336,57 @@ def test_translation_does_not_change_the_event(translator: Translator) -> None:
     snapshot = repr(original)
     translator.translate(original)
     assert repr(original) == snapshot
+
+
+# --- the inline checks agree with the contract ----------------------------------------------------------
+
+
+def _half_good(good: list[Any], bad: list[Any]) -> st.SearchStrategy[Any]:
+    """A field's value: good half the time, else one of the values at or past the contract's edges."""
+    return st.booleans().flatmap(lambda ok: st.sampled_from(good if ok else bad))
+
+
+_BAD_ID = [-1, MAX_ID + 1, 2**63 - 1, True, 1.0, "1", None]
+_BAD_TEXT = [None, 5, 1.5, b"bytes"]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    type_name=st.sampled_from(["ProductViewed", "CategoryViewed", "SearchPerformed", "ItemAddedToBasket"]),
+    values=st.fixed_dictionaries(
+        {
+            "sessionId": _half_good([SESSION, "a" * 50, "Z9"], ["", "a" * 51, "ü", "abc-1", *_BAD_TEXT]),
+            "occurredAt": _half_good(
+                [AT_MS, 0, -1, 253_402_300_799_999],
+                [253_402_300_800_000, datetime(2018, 9, 15), datetime(2018, 9, 15, tzinfo=UTC), "now", None],
+            ),
+            "stockId": _half_good([None, "", "NewYork", "s" * 50], ["s" * 51, *_BAD_TEXT]),
+            "productId": _half_good([0, 7, MAX_ID], _BAD_ID),
+            "groupId": _half_good([None, 0, MAX_ID], _BAD_ID),
+            "categoryId": _half_good([0, 3, MAX_ID], _BAD_ID),
+            "phrase": _half_good(["red shoes", ""], _BAD_TEXT),
+        }
+    ),
+)
+def test_the_fast_checks_pass_exactly_what_the_contract_passes(
+    type_name: str, values: dict[str, Any]
+) -> None:
+    """The common types skip ``validate_call`` when their inline checks pass: those checks must never let
+    through a call the contract refuses, and the verdict must be the one full validation gives."""
+    translator = Translator(SHOPS)
+    ev = event(type_name, **values)
+    try:
+        calls = translator.translate(ev)
+    except TranslateError as error:
+        fast_verdict: str | None = error.field
+    else:
+        fast_verdict = None
+        assert all(validate_call(call) is None for call in calls)
+    try:
+        built, _ = translator._build(ev)
+    except TranslateError as error:
+        full_verdict: str | None = error.field  # refused while building (e.g. a time out of range)
+    else:
+        violations = [v for v in (validate_call(call) for call in built) if v is not None]
+        full_verdict = violations[0].field if violations else None
+    assert fast_verdict == full_verdict
