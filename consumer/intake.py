@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import orjson
 import structlog
@@ -30,7 +30,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 
 from consumer.config import DeliveryMode, Settings, UnknownEventPolicy
-from consumer.contract import TrackingCall
+from consumer.contract import SINGLE_METHODS, TrackingCall
 from consumer.decode import Decoder, UnknownEventType
 from consumer.errors import PermanentError, RegistryUnavailable
 from consumer.metrics import RelayMetrics
@@ -46,6 +46,8 @@ log = structlog.get_logger(__name__)
 POLL_TIMEOUT_S = 0.1
 #: How long one end-offset query for a paused partition may take (once per statistics interval).
 LAG_QUERY_TIMEOUT_S = 0.5
+#: The start of each method's ``visitorEvents`` envelope, ``{"view":``: the body and a ``}`` complete it.
+_ENVELOPE: Final[Mapping[str, bytes]] = {method: b'{"' + method.encode() + b'":' for method in SINGLE_METHODS}
 
 
 class IntakeListener(Protocol):
@@ -213,42 +215,67 @@ class Intake:
     def _prepare(self, consumer: Consumer, messages: list[Message]) -> list[Record]:
         records: list[Record] = []
         retrying: set[TopicPartition] = set()
-        generation = self._generation
+        stop_at = self._stop_at
+        process = self._decode_and_translate if self._redrive is None else self._redrive_record
+        # consume() returns runs of one partition: its coordinates and generation are looked up per run.
+        topic: str | None = None
+        partition: int | None = None
+        tp: TopicPartition = ("", -1)
+        generation = 0
+        counts: dict[str, int] = {}
         for message in messages:
             error = message.error()
             if error is not None:
                 self._consume_error(error)
                 continue
-            # A message without an error always has its coordinates.
-            tp: TopicPartition = (message.topic(), message.partition())  # type: ignore[assignment]
+            if message.partition() != partition or message.topic() != topic:
+                # A message without an error always has its coordinates.
+                topic, partition = message.topic(), message.partition()
+                tp = (topic, partition)  # type: ignore[assignment]
+                generation = self._generation.get(tp, 0)
             offset: int = message.offset()  # type: ignore[assignment]
-            if tp in retrying:
+            if retrying and tp in retrying:
                 continue  # an earlier record of this partition is waiting for the registry: re-read later
-            if self._stop_at is not None and offset >= self._stop_at.get(tp, 0):
+            if stop_at is not None and offset >= stop_at.get(tp, 0):
                 self._finished.add(tp)
                 continue
-            record = Record(tp, offset, generation.get(tp, 0), message.key(), message)
+            record = Record(tp, offset, generation, message.key(), message)
             try:
-                self._decode_and_translate(record, message)
+                process(record, message)
             except RegistryUnavailable as exc:
                 retrying.add(tp)
                 self._retry_decode_later(consumer, tp, offset, exc)
                 continue
             records.append(record)
+            counts[tp[0]] = counts.get(tp[0], 0) + 1
+        if self._decode_retry:
+            # The registry answered for these partitions again (unless a later record of one failed).
+            for tp in {record.tp for record in records} - retrying:
+                self._decode_retry.pop(tp, None)
         self.consumed += len(records)
         consumed = self._metrics.consumed
-        for record in records:
-            consumed[record.tp[0]] += 1
+        for name, count in counts.items():
+            consumed[name] += count
         return records
 
-    def _decode_and_translate(self, record: Record, message: Message) -> None:
-        if self._redrive is not None:
-            source = self._redrive.prepare(record, message)
-            if source is None:
-                return  # not to be re-driven (filtered out or past the loop guard): settles at once
-            topic, value, delivered = source
-        else:
-            topic, value, delivered = record.tp[0], message.value(), frozenset()
+    def _redrive_record(self, record: Record, message: Message) -> None:
+        assert self._redrive is not None
+        source = self._redrive.prepare(record, message)
+        if source is None:
+            return  # not to be re-driven (filtered out or past the loop guard): settles at once
+        topic, value, delivered = source
+        self._decode_and_translate(record, message, topic, value, delivered)
+
+    def _decode_and_translate(
+        self,
+        record: Record,
+        message: Message,
+        topic: str | None = None,
+        value: bytes | None = None,
+        delivered: frozenset[int] = frozenset(),
+    ) -> None:
+        if topic is None:
+            topic, value = record.tp[0], message.value()
         try:
             event = self._decoders[topic].decode(value)
             calls, rejected = self._translator.translate_partial(event)
@@ -274,12 +301,10 @@ class Intake:
             record.send_index = [i for i in range(len(calls)) if i not in skipped]
             calls = [calls[i] for i in record.send_index]
         record.payloads = self._encode(calls)
-        if self._decode_retry:
-            self._decode_retry.pop(record.tp, None)
 
     def _encode(self, calls: list[TrackingCall]) -> list[bytes]:
         if self._mode == "batch":
-            return [b'{"' + call.method.encode() + b'":' + orjson.dumps(call.body) + b"}" for call in calls]
+            return [_ENVELOPE[call.method] + orjson.dumps(call.body) + b"}" for call in calls]
         return [orjson.dumps(call.body) for call in calls]
 
     def _consume_error(self, error: KafkaError) -> None:
