@@ -107,7 +107,8 @@ class _Caller:
         breaker = self.breakers[shop]
         events = sum(len(record.payloads) for record in records) if method == BATCH_METHOD else 1
         while True:
-            probe = await breaker.admit()
+            # admit() only ever waits while the breaker is open; skip the coroutine on the common path.
+            probe = await breaker.admit() if breaker.state == "open" else False
             started = time.perf_counter()
             outcome = await self.client.send_raw(shop, method, payload, timeout=timeout)
             self.metrics.observe_request(shop, method, outcome.status, time.perf_counter() - started, events)
@@ -162,10 +163,11 @@ class _Caller:
 
 
 class _Batch:
-    __slots__ = ("count", "keys", "records", "sealed", "shop", "size", "timer")
+    __slots__ = ("count", "keys", "records", "releases", "sealed", "shop", "size", "timer")
 
-    def __init__(self, shop: str) -> None:
+    def __init__(self, shop: str, releases: int | None) -> None:
         self.shop = shop
+        self.releases = releases  # the ledger's release count when the batch opened
         self.records: list[Record] = []
         self.keys: list[Hashable] = []
         self.count = 0
@@ -188,16 +190,22 @@ class Dispatcher:
         done: Done,
         owns: Owns,
         done_many: DoneMany | None = None,
+        releases: Callable[[], int] | None = None,
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
         metrics: RelayMetrics | None = None,
     ) -> None:
-        """``clock`` must be the clock the client's rate limiters run on (monotonic by default)."""
+        """``clock`` must be the clock the client's rate limiters run on (monotonic by default).
+
+        ``releases`` counts the partitions released so far (``OffsetLedger.releases``): a batch sent while it
+        has not moved since the batch opened holds only owned records, and skips checking each one.
+        """
         self._config = delivery
         self._tracking = tracking
         self._done = done
         self._done_many = done_many or _one_by_one(done)
         self._owns = owns
+        self._releases = releases
         self._key_of = ordering_key(delivery.ordering)
         self._caller = _Caller(client, backoff, breakers, owns, clock, sleep, metrics or RelayMetrics())
         self._tasks: list[asyncio.Task[None]] = []
@@ -258,7 +266,9 @@ class Dispatcher:
         shop = record.shop
         assert shop is not None  # records with calls always carry their shop
         batch = self._open.get(shop)
-        size = record.size + len(record.payloads)  # payload bytes plus the commas between them
+        payloads = record.payloads
+        # payload bytes plus the commas between them; most records carry one payload
+        size = len(payloads[0]) + 1 if len(payloads) == 1 else record.size + len(payloads)
         if (
             batch is not None
             and batch.count
@@ -273,7 +283,8 @@ class Dispatcher:
                 self._waiting[key] = deque((record,))  # the key is in the batch just sealed
                 return
         if batch is None:
-            batch = self._open[shop] = _Batch(shop)
+            releases = None if self._releases is None else self._releases()
+            batch = self._open[shop] = _Batch(shop, releases)
             linger = self._config.batch_linger_ms / 1000
             batch.timer = asyncio.get_running_loop().call_later(linger, self._seal, batch)
         batch.records.append(record)
@@ -304,7 +315,11 @@ class Dispatcher:
                 self._release_batch(batch)
 
     async def _send_batch(self, batch: _Batch) -> None:
-        records = [record for record in batch.records if self._owns(record)]
+        releases = self._releases
+        if releases is not None and batch.releases == releases():
+            records = batch.records  # every record was owned when placed, and nothing was released since
+        else:
+            records = [record for record in batch.records if self._owns(record)]
         if not records:
             return
         payload = b"[" + b",".join([p for record in records for p in record.payloads]) + b"]"
@@ -345,11 +360,11 @@ class Dispatcher:
 
     def _release_batch(self, batch: _Batch) -> None:
         """The batch got its final answer: its keys are free, and their waiting records move on."""
+        holder, all_waiting = self._holder, self._waiting
         for key in batch.keys:
-            if self._holder.get(key) is batch:
-                del self._holder[key]
-        for key in batch.keys:
-            waiting = self._waiting.pop(key, None)
+            if holder.get(key) is batch:
+                del holder[key]
+            waiting = all_waiting.pop(key, None)
             while waiting:
                 record = waiting.popleft()
                 if not self._owns(record):

@@ -163,6 +163,7 @@ class Relay:
             done=self._on_done,
             done_many=self._on_done_many,
             owns=self.ledger.owns,
+            releases=lambda: self.ledger.releases,
             metrics=self.metrics,
         )
         self.dispatcher.start()
@@ -414,7 +415,7 @@ class Relay:
             for record in delivered:
                 metrics.settled[(record.tp[0], "delivered")] += 1
         shop = first.shop
-        for method, count in Counter(call.method for r in delivered for call in r.calls).items():
+        for method, count in Counter([call.method for r in delivered for call in r.calls]).items():
             metrics.calls[(shop or "", method, "delivered")] += count
         if self._suspects and shop in self._suspects:
             self._acquit_shop(shop)

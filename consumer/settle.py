@@ -67,6 +67,9 @@ class OffsetLedger:
         self._positions: dict[TopicPartition, tuple[int, int]] = {}
         self._lock = threading.Lock()
         self.in_flight = 0
+        #: How many partitions were released (revoked or lost) so far: while it stays the same, every record
+        #: found owned stays owned, so a batch of them need not be checked one by one again.
+        self.releases = 0
         #: The latest committable position each partition reached (kept across revokes, for progress).
         self.reached: dict[TopicPartition, int] = {}
 
@@ -80,6 +83,7 @@ class OffsetLedger:
         ledger = self._partitions.pop(tp, None)
         if ledger is None:
             return None
+        self.releases += 1
         self.in_flight -= len(ledger)
         with self._lock:
             self._positions.pop(tp, None)
@@ -129,14 +133,18 @@ class OffsetLedger:
         partitions = self._partitions
         settled = 0
         moved: dict[TopicPartition, tuple[int, int]] = {}
+        tp: TopicPartition | None = None
+        ledger: PartitionLedger | None = None
         for record in records:
-            ledger = partitions.get(record.tp)
+            if record.tp != tp:  # a batch holds runs of one partition: look each run's ledger up once
+                tp = record.tp
+                ledger = partitions.get(tp)
             if ledger is None or ledger.generation != record.generation:
                 continue
             settled += 1
             position = ledger.settle(record.offset)
             if position is not None:
-                moved[record.tp] = (ledger.generation, position)
+                moved[tp] = (ledger.generation, position)
         self.in_flight -= settled
         if moved:
             for tp, (_, position) in moved.items():
