@@ -169,3 +169,59 @@ def test_transient_answers_are_retried_until_delivered() -> None:
     assert len(client.requests) == 3
     assert done[0].failed_calls == []
     assert done[0].attempts == 2
+
+
+async def run_with_a_revoke(revoke_before_send: bool) -> tuple[FakeClient, list[Record], int]:
+    """Two partitions' records in one open batch; partition 1 is released (or not) before it is sent."""
+    client = FakeClient()
+    revoked: set[tuple[str, int]] = set()
+    releases = [0]
+    owns_calls = [0]
+
+    def owns(record: Record) -> bool:
+        owns_calls[0] += 1
+        return record.tp not in revoked
+
+    settled: list[Record] = []
+    dispatcher = Dispatcher(
+        client,
+        DeliveryConfig(mode="batch", batch_linger_ms=10_000),
+        TrackingConfig(),
+        Backoff(RetryConfig(base_s=0.001, cap_s=0.002)),  # type: ignore[arg-type]
+        breakers={"demo": CircuitBreaker("demo", threshold=1000, probe_base_s=1, probe_cap_s=1)},
+        done=settled.append,
+        done_many=settled.extend,
+        owns=owns,
+        releases=lambda: releases[0],
+    )
+    dispatcher.start()
+    records = [make_record(i, f"s{i}", i, "batch") for i in range(10)]
+    for record in records[5:]:
+        record.tp = ("t", 1)
+    dispatcher.submit(records)
+    if revoke_before_send:
+        revoked.add(("t", 1))
+        releases[0] += 1
+    dispatcher.flush()
+    async with asyncio.timeout(10):
+        while not client.requests:
+            await asyncio.sleep(0.001)  # the poll interval of a deadline-bounded wait (noqa: sleep-ok)
+        while not settled:
+            await asyncio.sleep(0.001)  # the poll interval of a deadline-bounded wait (noqa: sleep-ok)
+    await dispatcher.close()
+    return client, settled, owns_calls[0]
+
+
+def test_records_of_a_partition_released_before_their_batch_left_are_not_sent() -> None:
+    client, settled, _ = asyncio.run(run_with_a_revoke(revoke_before_send=True))
+    ((method, body),) = client.requests
+    assert method == "visitorEvents"
+    assert [event["view"]["productId"] for event in body] == [0, 1, 2, 3, 4]
+    assert [record.offset for record in settled] == [0, 1, 2, 3, 4]
+
+
+def test_a_batch_sent_with_no_release_since_it_opened_checks_no_records_ownership() -> None:
+    client, settled, owns_calls = asyncio.run(run_with_a_revoke(revoke_before_send=False))
+    assert [event["view"]["productId"] for event in client.requests[0][1]] == list(range(10))
+    assert len(settled) == 10
+    assert owns_calls == 0
