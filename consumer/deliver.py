@@ -201,6 +201,7 @@ class Dispatcher:
         has not moved since the batch opened holds only owned records, and skips checking each one.
         """
         self._config = delivery
+        self._max_events, self._max_bytes = delivery.batch_max_events, delivery.batch_max_bytes
         self._tracking = tracking
         self._done = done
         self._done_many = done_many or _one_by_one(done)
@@ -245,11 +246,12 @@ class Dispatcher:
     def submit(self, records: Iterable[Record]) -> None:
         """Take freshly consumed records (already tracked by the ledger), in consumption order."""
         place = self._place_in_batch if self._config.mode == "batch" else self._place_single
+        key_of, done = self._key_of, self._done
         for record in records:
             if record.failure is not None or not record.payloads:
-                self._done(record)  # nothing to send: straight to settlement (dead-letter or done)
+                done(record)  # nothing to send: straight to settlement (dead-letter or done)
             else:
-                place(record, self._key_of(record))
+                place(record, key_of(record))
 
     # --- batch mode ----------------------------------------------------------------------------------
 
@@ -272,10 +274,7 @@ class Dispatcher:
         if (
             batch is not None
             and batch.count
-            and (
-                batch.count + len(record.payloads) > self._config.batch_max_events
-                or batch.size + size > self._config.batch_max_bytes
-            )
+            and (batch.count + len(payloads) > self._max_events or batch.size + size > self._max_bytes)
         ):
             self._seal(batch)
             batch = None
@@ -288,12 +287,12 @@ class Dispatcher:
             linger = self._config.batch_linger_ms / 1000
             batch.timer = asyncio.get_running_loop().call_later(linger, self._seal, batch)
         batch.records.append(record)
-        batch.count += len(record.payloads)
+        batch.count += len(payloads)
         batch.size += size
         if key is not None and key not in self._holder:
             self._holder[key] = batch
             batch.keys.append(key)
-        if batch.count >= self._config.batch_max_events or batch.size >= self._config.batch_max_bytes:
+        if batch.count >= self._max_events or batch.size >= self._max_bytes:
             self._seal(batch)
 
     def _seal(self, batch: _Batch) -> None:
