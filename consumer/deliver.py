@@ -163,12 +163,13 @@ class _Caller:
 
 
 class _Batch:
-    __slots__ = ("count", "keys", "records", "releases", "sealed", "shop", "size", "timer")
+    __slots__ = ("count", "keys", "payloads", "records", "releases", "sealed", "shop", "size", "timer")
 
     def __init__(self, shop: str, releases: int | None) -> None:
         self.shop = shop
         self.releases = releases  # the ledger's release count when the batch opened
         self.records: list[Record] = []
+        self.payloads: list[bytes] = []  # the records' payloads in order, joined once when sent
         self.keys: list[Hashable] = []
         self.count = 0
         self.size = 2  # the brackets of the JSON array
@@ -287,6 +288,7 @@ class Dispatcher:
             linger = self._config.batch_linger_ms / 1000
             batch.timer = asyncio.get_running_loop().call_later(linger, self._seal, batch)
         batch.records.append(record)
+        batch.payloads += payloads
         batch.count += len(payloads)
         batch.size += size
         if key is not None and key not in self._holder:
@@ -317,11 +319,13 @@ class Dispatcher:
         releases = self._releases
         if releases is not None and batch.releases == releases():
             records = batch.records  # every record was owned when placed, and nothing was released since
+            payloads = batch.payloads
         else:
             records = [record for record in batch.records if self._owns(record)]
+            payloads = [p for record in records for p in record.payloads]
         if not records:
             return
-        payload = b"[" + b",".join([p for record in records for p in record.payloads]) + b"]"
+        payload = b"[" + b",".join(payloads) + b"]"
         timeout = self._tracking.batch_timeout
         try:
             outcome = await self._caller.call(batch.shop, BATCH_METHOD, payload, timeout, records)
