@@ -105,3 +105,14 @@ def test_cluster_ids_never_start_with_a_dash(monkeypatch: pytest.MonkeyPatch) ->
     draws = iter([uuid.UUID(bytes=b"\xfb" + bytes(15)), uuid.UUID(bytes=b"\x01" * 16)])
     monkeypatch.setattr(kafka_local.uuid, "uuid4", lambda: next(draws))
     assert kafka_local._cluster_id() == "AQEBAQEBAQEBAQEBAQEBAQ"
+
+
+def test_readiness_asks_one_group_on_each_consumer_offsets_partition() -> None:
+    """The broker counts as ready once a group of every ``__consumer_offsets`` partition answers, so the
+    partition of a group must be Kafka's: ``Utils.abs(groupId.hashCode()) % partitions``."""
+    assert kafka_local._offsets_partition("a", 1000) == 97  # "a".hashCode() == 97
+    assert kafka_local._offsets_partition("rr", 10_000) == 3_648  # 114 * 31 + 114
+    assert kafka_local._offsets_partition("polygenelubricants", 7) == 0  # hashCode() == Integer.MIN_VALUE
+    groups = kafka_local._readiness_groups(kafka_local.OFFSETS_PARTITIONS)
+    partitions = [kafka_local._offsets_partition(g, kafka_local.OFFSETS_PARTITIONS) for g in groups]
+    assert partitions == list(range(kafka_local.OFFSETS_PARTITIONS))

@@ -22,6 +22,7 @@ import argparse
 import base64
 import contextlib
 import fcntl
+import itertools
 import json
 import os
 import shutil
@@ -35,11 +36,19 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from confluent_kafka.admin import AdminClient
 
 KAFKA_VERSION = "4.1.1"
 LOG4J_VERSION = "2.24.3"
 DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.7.1:copy-dependencies"
 START_DEADLINE_S = 90.0
+#: Partitions of ``__consumer_offsets``: 50 (the default) slow the first group join for nothing on one node.
+OFFSETS_PARTITIONS = 6
+#: The poll interval of the deadline-bounded wait for a starting broker.
+READY_POLL_S = 0.1
 STOP_GRACE_S = 15.0
 ROOT = Path(__file__).resolve().parent.parent
 STATE_DIR = ROOT / ".kafka"
@@ -201,8 +210,7 @@ def _write_config(data_dir: Path, port: int, controller_port: int) -> Path:
         # Topics are created on purpose (by tests, by `make run`); a typo must not create one silently.
         "auto.create.topics.enable": "false",
         "offsets.topic.replication.factor": "1",
-        # 50 offset partitions (the default) slow the first group join for nothing on one node.
-        "offsets.topic.num.partitions": "6",
+        "offsets.topic.num.partitions": str(OFFSETS_PARTITIONS),
         "transaction.state.log.replication.factor": "1",
         "transaction.state.log.min.isr": "1",
         "transaction.state.log.num.partitions": "1",
@@ -224,7 +232,7 @@ def _java() -> list[str]:
 
 
 def start(data_root: Path | None = None, deadline_s: float = START_DEADLINE_S) -> Broker:
-    """Start a fresh broker and return once a metadata request succeeds."""
+    """Start a fresh broker and return once it answers metadata and group requests."""
     libs = fetch_jars()
     data_dir = Path(tempfile.mkdtemp(prefix="rr-kafka-", dir=data_root))
     port, controller_port = free_port(), free_port()
@@ -287,14 +295,59 @@ def _wait_ready(broker: Broker, process: subprocess.Popen[bytes], deadline_s: fl
             )
         try:
             metadata = admin.list_topics(timeout=2)
-            if metadata.brokers:
+            if metadata.brokers and _groups_ready(admin):
                 return
+            last_error = "group coordinators still loading"
         except KafkaException as error:
             last_error = str(error)
+        time.sleep(READY_POLL_S)
     raise BrokerError(
-        f"the broker at {broker.bootstrap} did not answer a metadata request within {deadline_s:.0f}s "
-        f"({last_error})\n{broker.log_tail()}"
+        f"the broker at {broker.bootstrap} did not answer metadata and group requests within "
+        f"{deadline_s:.0f}s ({last_error})\n{broker.log_tail()}"
     )
+
+
+def _groups_ready(admin: AdminClient) -> bool:
+    """Whether every partition of ``__consumer_offsets`` has a loaded group coordinator.
+
+    Metadata answers before the offsets topic exists; the first group request creates it, and until each
+    partition's coordinator has loaded, committing a group's offsets fails (COORDINATOR_LOAD_IN_PROGRESS):
+    the first test to touch a group after start-up failed that way now and then. One group per partition
+    is described (not asked for its offsets: librdkafka 2.16 can crash on an offset fetch for an unseen
+    group while the coordinator moves, confluent-kafka-python#1982).
+    """
+    from confluent_kafka import KafkaException
+
+    futures = admin.describe_consumer_groups(list(_READINESS_GROUPS), request_timeout=2)
+    try:
+        for future in futures.values():
+            future.result(timeout=5)
+    except KafkaException:
+        return False  # NOT_COORDINATOR, COORDINATOR_LOAD_IN_PROGRESS: not yet
+    return True
+
+
+def _offsets_partition(group: str, partitions: int) -> int:
+    """The ``__consumer_offsets`` partition of a group: Kafka's ``abs(group.hashCode()) % partitions``."""
+    code = 0
+    for char in group:
+        code = (31 * code + ord(char)) & 0xFFFFFFFF  # Java's String.hashCode, as 32-bit two's complement
+    signed = code - (1 << 32) if code >= 1 << 31 else code
+    return (0 if signed == -(1 << 31) else abs(signed)) % partitions
+
+
+def _readiness_groups(partitions: int) -> tuple[str, ...]:
+    """One group name per ``__consumer_offsets`` partition."""
+    chosen: dict[int, str] = {}
+    for n in itertools.count():
+        name = f"rr-local-ready-{n}"
+        chosen.setdefault(_offsets_partition(name, partitions), name)
+        if len(chosen) == partitions:
+            return tuple(chosen[p] for p in range(partitions))
+    raise AssertionError("unreachable")
+
+
+_READINESS_GROUPS = _readiness_groups(OFFSETS_PARTITIONS)
 
 
 def _quiet_logger() -> object:
