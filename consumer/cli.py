@@ -94,12 +94,15 @@ def _add_config(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     check.set_defaults(handler=run)
 
 
-def _load_config(config: Any, path: Path | None) -> Any:
-    """Load the configuration, or print one clear line naming the setting and return None."""
+def _load_config(config: Any, path: Path | None, *, secrets: bool = True) -> Any:
+    """Load the configuration, or print one clear line naming the setting and return None.
+
+    ``secrets=False``: only the settings (``config.load_settings``), for commands that never call the API.
+    """
     from consumer.errors import ConfigError
 
     try:
-        return config.load(path)
+        return config.load(path) if secrets else config.load_settings(path)
     except ConfigError as error:
         print(f"rr-consumer: configuration error: {error}", file=sys.stderr)
         return None
@@ -299,7 +302,7 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         if args.config is not None:
             from consumer import config
 
-            loaded = _load_config(config, args.config)
+            loaded = _load_config(config, args.config, secrets=False)  # replay never calls the API
             if loaded is None:
                 return 2
         return replay.run_command(args, loaded)
@@ -363,9 +366,11 @@ def _add_dlq(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         from consumer.errors import ConfigError
         from consumer.redrive import RedriveFilter, RedrivePlan
 
-        loaded = _load_config(config, args.config)
+        # Inspecting reads Kafka only: no shop's API key is needed for it, unlike a re-drive.
+        loaded = _load_config(config, args.config, secrets=args.action == "redrive")
         if loaded is None:
             return 2
+        settings = loaded if args.action == "inspect" else loaded.settings
         filters = RedriveFilter(
             stages=args.stage,
             statuses=args.status,
@@ -377,9 +382,9 @@ def _add_dlq(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         # Piped into a file or a pager, the table keeps whole rows rather than wrapping at 80 columns.
         console = Console(file=stream, width=None if stream.isatty() else 220)
         try:
-            topics = dlq.dead_letter_topics(loaded, args.topic)
+            topics = dlq.dead_letter_topics(settings, args.topic)
             if args.action == "inspect":
-                letters = dlq.read_dead_letters(loaded, topics, filters)
+                letters = dlq.read_dead_letters(settings, topics, filters)
                 dlq.render(letters[-args.limit :], console)
                 return 0
             observability = loaded.settings.observability

@@ -234,12 +234,7 @@ def load(path: Path | None, environ: Mapping[str, str] | None = None) -> RelayCo
     Raises ConfigError naming the setting that is wrong.
     """
     env = os.environ if environ is None else environ
-    raw = _read_toml(path) if path is not None else {}
-    _check_env_names(env)
-    try:
-        settings = _with_environ(env, lambda: Settings(**raw))
-    except ValidationError as error:
-        raise _config_error(error) from None
+    settings = load_settings(path, env)
     shops = {name: _resolve_shop(name, shop, env) for name, shop in settings.shops.items()}
     auth = None
     if settings.schema_registry.basic_auth_user_info_env:
@@ -251,6 +246,21 @@ def load(path: Path | None, environ: Mapping[str, str] | None = None) -> RelayCo
             )
         )
     return RelayConfig(settings=settings, shops=shops, schema_registry_auth=auth)
+
+
+def load_settings(path: Path | None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and check the TOML file (if any) with its ``RR_*`` overrides, resolving no secret.
+
+    For the commands that only talk to Kafka (``replay``, ``dlq inspect``): an operator rewinding a group
+    should not need every shop's API key in the environment. Raises ConfigError as :func:`load` does.
+    """
+    env = os.environ if environ is None else environ
+    raw = _read_toml(path) if path is not None else {}
+    _check_env_names(env)
+    try:
+        return _with_environ(env, lambda: Settings(**raw))
+    except ValidationError as error:
+        raise _config_error(error) from None
 
 
 def _check_env_names(env: Mapping[str, str]) -> None:

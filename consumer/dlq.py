@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from consumer.config import RelayConfig, TopicConfig
+from consumer.config import RelayConfig, Settings, TopicConfig
 from consumer.errors import ConfigError
 from consumer.record import TopicPartition
 from consumer.redrive import PREFIX, REDRIVE_COUNT, RedriveFilter, RedrivePlan, dlq_headers
@@ -41,8 +41,8 @@ class DeadLetter:
         return self.headers.get(PREFIX + name, default)
 
 
-def dead_letter_topics(config: RelayConfig, chosen: Sequence[str]) -> list[str]:
-    known = [topic.dlq for topic in config.settings.topics]
+def dead_letter_topics(settings: Settings, chosen: Sequence[str]) -> list[str]:
+    known = [topic.dlq for topic in settings.topics]
     for name in chosen:
         if name not in known:
             raise ConfigError(
@@ -51,11 +51,11 @@ def dead_letter_topics(config: RelayConfig, chosen: Sequence[str]) -> list[str]:
     return list(chosen) or known
 
 
-def read_dead_letters(config: RelayConfig, topics: Sequence[str], filters: RedriveFilter) -> list[DeadLetter]:
+def read_dead_letters(settings: Settings, topics: Sequence[str], filters: RedriveFilter) -> list[DeadLetter]:
     """Every record of ``topics`` up to their current end that matches ``filters``."""
     consumer = Consumer(
         {
-            **kafka_client_config(config),
+            **kafka_client_config(settings),
             "group.id": "rr-dlq-inspect",
             "enable.auto.commit": False,
             "enable.partition.eof": False,
@@ -157,7 +157,9 @@ def pending(
 ) -> dict[TopicPartition, tuple[int, int]]:
     """Per partition: (where the re-drive group stands, the end now), for partitions with work to do."""
     group = config.settings.kafka.group_id
-    consumer = Consumer({**kafka_client_config(config), "group.id": group, "enable.auto.commit": False})
+    consumer = Consumer(
+        {**kafka_client_config(config.settings), "group.id": group, "enable.auto.commit": False}
+    )
     try:
         ends = _end_offsets(consumer, topics)
         committed = consumer.committed([KafkaTopicPartition(t, p) for t, p in ends], timeout=READ_TIMEOUT_S)
@@ -178,7 +180,7 @@ def rewind(config: RelayConfig, work: dict[TopicPartition, tuple[int, int]]) -> 
     from confluent_kafka import ConsumerGroupTopicPartitions
 
     group = config.settings.kafka.group_id
-    admin = AdminClient(kafka_client_config(config))
+    admin = AdminClient(kafka_client_config(config.settings))
     partitions = [KafkaTopicPartition(t, p, start) for (t, p), (start, _) in work.items()]
     for future in admin.alter_consumer_group_offsets(
         [ConsumerGroupTopicPartitions(group, partitions)]

@@ -35,7 +35,7 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 
-from consumer.config import RelayConfig
+from consumer.config import Settings
 from consumer.errors import RelayError
 
 #: Exit status when the replay was refused (active members) or failed (unknown topic, broker error).
@@ -186,9 +186,9 @@ def parse_offsets(items: Iterable[str]) -> dict[int, int]:
     return offsets
 
 
-def request_from_args(args: argparse.Namespace, loaded: RelayConfig | None) -> Request:
+def request_from_args(args: argparse.Namespace, settings: Settings | None) -> Request:
     """Combine the options with the relay's configuration: options win, the configuration fills the rest."""
-    kafka = loaded.settings.kafka if loaded is not None else None
+    kafka = settings.kafka if settings is not None else None
     bootstrap = args.bootstrap_servers or (kafka.bootstrap_servers if kafka else None)
     group = args.group or (kafka.group_id if kafka else None)
     if not bootstrap:
@@ -196,8 +196,8 @@ def request_from_args(args: argparse.Namespace, loaded: RelayConfig | None) -> R
     if not group:
         raise ReplayError("give --config FILE or --group GROUP", EXIT_USAGE)
     topics = tuple(dict.fromkeys(args.topic or ()))
-    if not topics and loaded is not None:
-        topics = tuple(t.name for t in loaded.settings.topics)
+    if not topics and settings is not None:
+        topics = tuple(t.name for t in settings.topics)
     if not topics:
         raise ReplayError("give --topic TOPIC (or --config FILE to replay every topic in it)", EXIT_USAGE)
     partitions = tuple(dict.fromkeys(args.partition)) if args.partition else None
@@ -493,10 +493,10 @@ def replay(request: Request) -> int:
     return 0
 
 
-def run_command(args: argparse.Namespace, loaded: RelayConfig | None) -> int:
+def run_command(args: argparse.Namespace, settings: Settings | None) -> int:
     """The ``replay`` subcommand: every failure becomes one line on stderr and a non-zero status."""
     try:
-        return replay(request_from_args(args, loaded))
+        return replay(request_from_args(args, settings))
     except ReplayError as error:
         print(f"rr-consumer: replay: {error}", file=sys.stderr)
         return error.status

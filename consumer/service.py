@@ -32,7 +32,7 @@ import structlog
 
 from consumer import __version__
 from consumer.breaker import CircuitBreaker
-from consumer.config import RelayConfig
+from consumer.config import RelayConfig, Settings
 from consumer.deadletter import DeadLetterWriter
 from consumer.decode import Decoder, build_decoder, registry_client
 from consumer.deliver import Dispatcher
@@ -84,8 +84,8 @@ def build_decoders(config: RelayConfig) -> dict[str, Decoder]:
     }
 
 
-def kafka_client_config(config: RelayConfig) -> dict[str, Any]:
-    kafka = config.settings.kafka
+def kafka_client_config(settings: Settings) -> dict[str, Any]:
+    kafka = settings.kafka
     # Consumer-only settings must not reach the producer (librdkafka warns about every one of them).
     common = {k: v for k, v in kafka.client.items() if not k.startswith(("auto.", "group.", "session."))}
     return {**common, "bootstrap.servers": kafka.bootstrap_servers}
@@ -139,7 +139,7 @@ class Relay:
         self.client = TrackingClient(settings.tracking, self.config.shops)
         await self.client.start()
         self.dlq = DeadLetterWriter(
-            kafka_client_config(self.config),
+            kafka_client_config(self.config.settings),
             self._dlq_topics.__getitem__,
             loop,
             write_timeout_s=settings.dead_letter.write_timeout_s,

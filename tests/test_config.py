@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from consumer.cli import main
-from consumer.config import RelayConfig, default_key_env, describe, load
+from consumer.config import RelayConfig, default_key_env, describe, load, load_settings
 from consumer.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,6 +147,16 @@ def test_a_missing_api_key_names_the_setting_and_the_variable(tmp_path: Path) ->
     error = config_error(tmp_path, MINIMAL, environ={})
     assert error.setting == "shops.demo.api_key_env"
     assert "RR_API_KEY_DEMO" in error.problem
+
+
+def test_the_settings_alone_need_no_key_but_still_refuse_a_bad_setting(tmp_path: Path) -> None:
+    """What ``replay`` and ``dlq inspect`` load: they never call the API, so no key is asked for."""
+    settings = load_settings(write(tmp_path, MINIMAL), environ={"RR_DELIVERY__MODE": "single"})
+    assert settings.delivery.mode == "single"
+    assert list(settings.shops) == ["demo"]
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, MINIMAL), environ={"RR_DELIVRY__MODE": "single"})
+    assert caught.value.setting == "RR_DELIVRY__MODE"
 
 
 def test_a_blank_api_key_counts_as_missing_and_a_custom_variable_is_named(tmp_path: Path) -> None:

@@ -21,11 +21,15 @@ REJECTED_ORDER_ITEM = 11
 REJECTED_VIEW = 77
 
 
-def rr(*args: str) -> subprocess.CompletedProcess[str]:
+def rr(*args: str, keys: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the CLI; ``keys=False`` leaves the shops' API keys out of its environment."""
+    env = relay_env()
+    if not keys:
+        env = {name: value for name, value in env.items() if not name.startswith("RR_API_KEY_")}
     return subprocess.run(
         [sys.executable, "-m", "consumer", *args],
         cwd=ROOT,
-        env=relay_env(),
+        env=env,
         capture_output=True,
         text=True,
         timeout=120,
@@ -84,8 +88,9 @@ def test_inspect_shows_the_story_and_redrive_sends_only_what_failed_with_a_loop_
         first_pass = calls_at(emulator)
         assert sorted(body["productId"] for _, body in first_pass) == [5, 10, 12]
 
-        # Inspect: one row per dead-lettered record, with stage, status and source.
-        shown = rr("dlq", "inspect", "--config", str(config))
+        # Inspect: one row per dead-lettered record, with stage, status and source. It reads Kafka only,
+        # so it needs no shop's API key.
+        shown = rr("dlq", "inspect", "--config", str(config), keys=False)
         assert shown.returncode == 0, shown.stderr
         assert "3 dead-lettered record(s)" in shown.stdout
         for needle in (f"{topic}[0]@0", f"{topic}[0]@1", f"{topic}[0]@2", "deliver", "decode", "400"):
@@ -131,7 +136,7 @@ def test_inspect_shows_the_story_and_redrive_sends_only_what_failed_with_a_loop_
         assert counts == [0, 0, 0, 1, 2]
 
 
-def test_redrive_with_nothing_to_do_says_so(
+def test_redrive_with_nothing_to_do_says_so_and_a_missing_key_is_named(
     kafka_bootstrap: str,
     topics: Topics,
     registry: RegistryDouble,
@@ -153,3 +158,8 @@ def test_redrive_with_nothing_to_do_says_so(
     missing = rr("dlq", "inspect", "--config", str(config), "--topic", "no-such.dlq")
     assert missing.returncode == 2
     assert "no-such.dlq" in missing.stderr
+    # A re-drive delivers, so it does need the keys, and says which one is missing.
+    keyless = rr("dlq", "redrive", "--config", str(config), keys=False)
+    assert keyless.returncode == 2
+    assert "api_key_env" in keyless.stderr
+    assert "RR_API_KEY_" in keyless.stderr
