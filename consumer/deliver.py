@@ -101,11 +101,19 @@ class _Caller:
         self.sleep = sleep
 
     async def call(
-        self, shop: str, method: str, payload: bytes, timeout: float, records: list[Record]
+        self,
+        shop: str,
+        method: str,
+        payload: bytes,
+        timeout: float,
+        records: list[Record],
+        events: int = 1,
     ) -> Outcome | None:
-        """Send until the answer is final. ``None`` when every record was revoked meanwhile."""
+        """Send until the answer is final. ``None`` when every record was revoked meanwhile.
+
+        ``events``: how many events the payload carries (a batch's size, for its metric).
+        """
         breaker = self.breakers[shop]
-        events = sum(len(record.payloads) for record in records) if method == BATCH_METHOD else 1
         while True:
             # admit() only ever waits while the breaker is open; skip the coroutine on the common path.
             probe = await breaker.admit() if breaker.state == "open" else False
@@ -328,7 +336,9 @@ class Dispatcher:
         payload = b"[" + b",".join(payloads) + b"]"
         timeout = self._tracking.batch_timeout
         try:
-            outcome = await self._caller.call(batch.shop, BATCH_METHOD, payload, timeout, records)
+            outcome = await self._caller.call(
+                batch.shop, BATCH_METHOD, payload, timeout, records, events=len(payloads)
+            )
         except Expired as expired:
             outcome = Permanent(expired.last.status, f"{EXPIRED}: {expired.last.reason}")
         self.batches_sent += 1
