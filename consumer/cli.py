@@ -349,7 +349,7 @@ def _add_dlq(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         sub.add_argument("--since", type=_aware_time, help="last failed at or after this ISO 8601 time")
         sub.add_argument("--until", type=_aware_time, help="last failed before this ISO 8601 time")
     inspect.add_argument(
-        "--limit", type=int, default=100, help="rows to show, newest last (default: %(default)s)"
+        "--limit", type=_positive_int, default=100, help="rows to show, newest last (default: %(default)s)"
     )
     redrive.add_argument("--max-redrives", type=int, default=3, help="loop guard (default: %(default)s)")
     redrive.add_argument(
@@ -384,8 +384,8 @@ def _add_dlq(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         try:
             topics = dlq.dead_letter_topics(settings, args.topic)
             if args.action == "inspect":
-                letters = dlq.read_dead_letters(settings, topics, filters)
-                dlq.render(letters[-args.limit :], console)
+                found = dlq.read_dead_letters(settings, topics, filters, keep=args.limit)
+                dlq.render(found.letters, console, matched=found.matched)
                 return 0
             observability = loaded.settings.observability
             logs.configure(
@@ -404,6 +404,16 @@ def _add_dlq(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
     inspect.set_defaults(handler=run)
     redrive.set_defaults(handler=run)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _aware_time(text: str) -> Any:

@@ -10,6 +10,7 @@ own, ``<group_id>.redrive``, stops at the end offsets the topics had when it beg
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -51,8 +52,19 @@ def dead_letter_topics(settings: Settings, chosen: Sequence[str]) -> list[str]:
     return list(chosen) or known
 
 
-def read_dead_letters(settings: Settings, topics: Sequence[str], filters: RedriveFilter) -> list[DeadLetter]:
-    """Every record of ``topics`` up to their current end that matches ``filters``."""
+@dataclass(frozen=True)
+class Found:
+    """What ``dlq inspect`` found: how many records matched, and the last ones of them it kept."""
+
+    matched: int
+    letters: list[DeadLetter]
+
+
+def read_dead_letters(
+    settings: Settings, topics: Sequence[str], filters: RedriveFilter, keep: int | None = None
+) -> Found:
+    """The records of ``topics`` up to their current end that match ``filters``: all are counted, the last
+    ``keep`` (all when None) kept, so a topic of millions of records costs time but not memory."""
     consumer = Consumer(
         {
             **kafka_client_config(settings),
@@ -65,31 +77,35 @@ def read_dead_letters(settings: Settings, topics: Sequence[str], filters: Redriv
         ends = _end_offsets(consumer, topics)
         wanted = {tp: end for tp, end in ends.items() if end > 0}
         consumer.assign([KafkaTopicPartition(t, p, OFFSET_BEGINNING) for t, p in wanted])
-        found: list[DeadLetter] = []
+        found: deque[DeadLetter] = deque(maxlen=keep)
+        matched = 0
         remaining = dict(wanted)
         while remaining:
             messages = consumer.consume(num_messages=500, timeout=READ_TIMEOUT_S)
             if not messages:
                 raise KafkaException(f"no answer from the broker while reading {sorted(remaining)}")
             for message in messages:
-                _collect(message, remaining, filters, found)
-        return found
+                matched += _collect(message, remaining, filters, found)
+        return Found(matched, list(found))
     finally:
         consumer.close()
 
 
 def _collect(
-    message: Message, remaining: dict[TopicPartition, int], filters: RedriveFilter, found: list[DeadLetter]
-) -> None:
+    message: Message, remaining: dict[TopicPartition, int], filters: RedriveFilter, found: deque[DeadLetter]
+) -> bool:
+    """Keep ``message`` in ``found`` if it matches; True when it did."""
     if message.error() is not None:
         raise KafkaException(message.error())
     tp: TopicPartition = (message.topic(), message.partition())  # type: ignore[assignment]
     offset: int = message.offset()  # type: ignore[assignment]
     headers = dlq_headers(message)
-    if filters.matches(headers):
+    matches = filters.matches(headers)
+    if matches:
         found.append(DeadLetter(tp[0], tp[1], offset, headers))
     if tp in remaining and offset + 1 >= remaining[tp]:
         del remaining[tp]
+    return matches
 
 
 def _end_offsets(consumer: Consumer, topics: Sequence[str]) -> dict[TopicPartition, int]:
@@ -107,8 +123,14 @@ def _end_offsets(consumer: Consumer, topics: Sequence[str]) -> dict[TopicPartiti
     return ends
 
 
-def render(letters: Sequence[DeadLetter], console: Console, now: datetime | None = None) -> None:
-    table = Table(title=f"{len(letters)} dead-lettered record(s)", show_lines=False)
+def render(
+    letters: Sequence[DeadLetter], console: Console, now: datetime | None = None, matched: int | None = None
+) -> None:
+    """A table of ``letters``; ``matched``: how many matched in all, when only the last of them are shown."""
+    title = f"{len(letters)} dead-lettered record(s)"
+    if matched is not None and matched > len(letters):
+        title = f"the last {len(letters)} of {matched} dead-lettered record(s) (see --limit)"
+    table = Table(title=title, show_lines=False)
     for column in ("dlq", "source", "stage", "status", "method", "reason", "age", "redrives"):
         table.add_column(column, overflow="fold")
     moment = now or datetime.now(UTC)

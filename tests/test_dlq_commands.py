@@ -97,6 +97,12 @@ def test_inspect_shows_the_story_and_redrive_sends_only_what_failed_with_a_loop_
             assert needle in shown.stdout, needle
         only_decode = rr("dlq", "inspect", "--config", str(config), "--stage", "decode")
         assert "1 dead-lettered record(s)" in only_decode.stdout
+        # --limit keeps the last rows (the rest are counted, not held) and says how many matched.
+        last_two = rr("dlq", "inspect", "--config", str(config), "--limit", "2", keys=False)
+        assert "the last 2 of 3 dead-lettered record(s)" in last_two.stdout
+        assert f"{topic}.dlq[0]@0" not in last_two.stdout
+        assert f"{topic}.dlq[0]@1" in last_two.stdout
+        assert f"{topic}.dlq[0]@2" in last_two.stdout
 
         # The cause is fixed: the API takes those products now. Re-drive.
         emulator.set_faults(Faults())
