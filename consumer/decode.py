@@ -282,6 +282,7 @@ class ConfluentAvroDecoder:
         plan = self._by_header.get(value[:_HEADER]) if value else None
         if plan is None:
             plan = self._slow_plan(value)
+        # A plan was found, so the value has a header: it is bytes, whatever its declared type.
         return DomainEvent(plan.type, _read_avro(value, _HEADER, plan.writer, plan.reader, plan.what))  # type: ignore[arg-type]
 
     def _slow_plan(self, value: bytes | None) -> _WriterPlan:

@@ -76,6 +76,8 @@ class OffsetLedger:
     # --- assignment (driven by the intake thread's rebalance callbacks, run here on the loop) -------
 
     def assign(self, tp: TopicPartition, generation: int) -> None:
+        if tp in self._partitions:
+            self.release(tp)  # a new generation without a revoke first: the old one's records are not ours
         self._partitions[tp] = PartitionLedger(generation)
 
     def release(self, tp: TopicPartition) -> int | None:

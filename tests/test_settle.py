@@ -68,6 +68,18 @@ def test_a_completion_for_a_revoked_partition_is_dropped_even_if_it_came_back() 
     assert ledger.in_flight == 0
 
 
+def test_a_new_generation_without_a_revoke_first_releases_the_old_one() -> None:
+    ledger = OffsetLedger()
+    ledger.assign(TP, generation=1)
+    old = record(3, generation=1)
+    ledger.track([old])
+    releases = ledger.releases
+    ledger.assign(TP, generation=2)
+    assert not ledger.owns(old)
+    assert ledger.releases == releases + 1, "batches opened before must check their records again"
+    assert ledger.in_flight == 0
+
+
 def test_records_read_before_a_revoke_are_not_tracked_after_it() -> None:
     ledger = OffsetLedger()
     ledger.assign(TP, generation=1)
