@@ -109,10 +109,16 @@ def batch_throughput(bench: Bench) -> Figure:
     relay: list[Measured] = []
     ceiling: list[Measured] = []
     intake: list[Measured] = []
+    prototype: list[Measured] = []
     for _ in range(bench.sizes.repeats):
         ceiling.append(bench.keep("ceiling", bench.ceiling("decode", warmup, events)))
         if bench.sizes.extras:
             intake.append(bench.keep("intake", bench.ceiling("intake", warmup, events)))
+            records = 2 * (warmup + events) + 1000
+            window = bench.program_window("prototype", "prototype", bench.sizes.batch, f"--records={records}")
+            prototype.append(
+                bench.keep("prototype", Measured(window.per_s / per_record, window.cpu_us_per_event, 0))
+            )
         window = bench.relay_window("batch", "batch", bench.sizes.batch)
         relay.append(
             bench.keep(
@@ -159,6 +165,22 @@ def batch_throughput(bench: Bench) -> Figure:
             )
         )
         figure.details.append(_repeats(_values(intake), "intake stage alone (records/s)"))
+    if prototype:
+        stat = Stat.of(_values(prototype))
+        figure.rows.append(
+            Row(
+                "batch-prototype",
+                "(explains) a bare prototype of the flow (`tools/bench/prototype.py`): consume, decode, "
+                "translate, one `visitorEvents` POST per shop and `consume()` batch, 16 in flight; no "
+                "per-visitor order, retries, dead letters or rate limit",
+                rate(stat),
+                f"ours, batch: {rate(ours)}",
+                f"ours at {share(ratios(ours.values, stat.values))} of it",
+                "—",
+                "stated",
+            )
+        )
+        figure.details.append(_repeats(_values(prototype), "bare prototype (records/s)"))
     return figure
 
 
