@@ -14,7 +14,7 @@ from confluent_kafka.admin import AdminClient
 
 from consumer.emulator import EmulatorShop, EmulatorThread
 from tests.kafka import Topics
-from tests.relay import SHOPS, RelayProcess, relay_env
+from tests.relay import SHOPS, RelayProcess, Stack, relay_env
 from tools import kafka_local
 from tools.registry_double import RegistryDouble
 
@@ -71,3 +71,11 @@ def relays(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
     yield start
     for relay in started:
         relay.cleanup()
+
+
+@pytest.fixture
+def stack(
+    kafka_bootstrap: str, topics: Topics, registry: RegistryDouble, emulator: EmulatorThread, tmp_path: Path
+) -> Stack:
+    """The broker, the registry double and the emulator of this test, for a relay to be configured against."""
+    return Stack(kafka_bootstrap, topics, registry.url, emulator.url, tmp_path)

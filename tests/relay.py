@@ -22,7 +22,7 @@ from consumer.contract import TrackingCall
 from consumer.decode import DomainEvent
 from consumer.sample import TrafficGenerator, build_encoder
 from consumer.translate import Translator
-from tests.kafka import produce, unique_name, wait_for
+from tests.kafka import Topics, produce, unique_name, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Shop key in the relay's configuration -> (partnerId, apiKey) known to the emulator.
@@ -40,6 +40,37 @@ def toml_value(value: Any) -> str:
     if isinstance(value, Mapping):
         return "{ " + ", ".join(f"{toml_value(k)} = {toml_value(v)}" for k, v in value.items()) + " }"
     return str(value)
+
+
+@dataclass
+class Stack:
+    """What an end-to-end test wires a relay to: the broker, the registry double, the emulator, a folder."""
+
+    bootstrap: str
+    topics: Topics
+    registry_url: str
+    emulator_url: str
+    folder: Path
+
+    def topic(self, purpose: str, partitions: int = 1) -> str:
+        """A fresh topic and its dead-letter topic (``<name>.dlq``); returns the topic's name."""
+        name = self.topics.create(purpose, partitions=partitions)
+        self.topics.create_named(f"{name}.dlq")
+        return name
+
+    def config(
+        self, topics: Iterable[str], *, group: str | None = None, name: str = "relay.toml", **settings: Any
+    ) -> Path:
+        """A relay configuration for ``topics`` on this stack; ``settings`` as :func:`write_config` takes."""
+        return write_config(
+            self.folder / name,
+            bootstrap=self.bootstrap,
+            topics=topics,
+            group=group or unique_name("group"),
+            emulator_url=self.emulator_url,
+            registry_url=self.registry_url,
+            **settings,
+        )
 
 
 def write_config(

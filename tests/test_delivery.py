@@ -22,6 +22,7 @@ from tests.kafka import Topics, committed_offsets, end_offsets, unique_name, wai
 from tests.relay import (
     SHOPS,
     RelayProcess,
+    Stack,
     canonical,
     expected_calls,
     generate,
@@ -43,30 +44,20 @@ def _registry_client(registry: RegistryDouble):  # type: ignore[no-untyped-def]
 def test_every_event_type_arrives_exactly_as_the_contract_says(
     mode: str,
     kafka_bootstrap: str,
-    topics: Topics,
     registry: RegistryDouble,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
-    tmp_path: Path,
+    stack: Stack,
 ) -> None:
     traffic = generate(1500, registry=_registry_client(registry))
     kinds = {short_name(name) for name, _ in traffic.events}
     assert kinds == {"ProductViewed", "CategoryViewed", "SearchPerformed", "ItemAddedToBasket", "OrderPlaced"}
     methods = {method for _, method, _ in traffic.expected}
     assert methods == {"view", "groupView", "categoryView", "search", "addToBasket", "order"}
-    topic = topics.create(f"events-{mode}", partitions=3)
-    topics.create_named(f"{topic}.dlq")
+    topic = stack.topic(f"events-{mode}", partitions=3)
     produce_traffic(kafka_bootstrap, topic, traffic)
     group = unique_name("group")
-    config = write_config(
-        tmp_path / "relay.toml",
-        bootstrap=kafka_bootstrap,
-        topics=[topic],
-        group=group,
-        emulator_url=emulator.url,
-        registry_url=registry.url,
-        sections={"delivery": {"mode": mode}},
-    )
+    config = stack.config([topic], group=group, sections={"delivery": {"mode": mode}})
     relay = relays(config)
 
     got = wait_delivered(emulator, traffic.expected, relays=[relay])
@@ -84,25 +75,18 @@ def test_every_event_type_arrives_exactly_as_the_contract_says(
 def test_each_visitors_events_arrive_in_the_order_they_were_produced(
     mode: str,
     kafka_bootstrap: str,
-    topics: Topics,
     registry: RegistryDouble,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
-    tmp_path: Path,
+    stack: Stack,
 ) -> None:
     # Few visitors, many events each, spread over 6 partitions; random latency reorders anything unordered.
     traffic = generate(3000, registry=_registry_client(registry), visitors=60, seed=11)
     emulator.set_faults(Faults(latency_ms=1, latency_jitter_ms=15))
-    topic = topics.create(f"order-{mode}", partitions=6)
-    topics.create_named(f"{topic}.dlq")
+    topic = stack.topic(f"order-{mode}", partitions=6)
     produce_traffic(kafka_bootstrap, topic, traffic)
-    config = write_config(
-        tmp_path / "relay.toml",
-        bootstrap=kafka_bootstrap,
-        topics=[topic],
-        group=unique_name("group"),
-        emulator_url=emulator.url,
-        registry_url=registry.url,
+    config = stack.config(
+        [topic],
         sections={"delivery": {"mode": mode, "batch_max_events": 25, "batch_linger_ms": 2}},
     )
     relay = relays(config)
@@ -122,26 +106,20 @@ def test_each_visitors_events_arrive_in_the_order_they_were_produced(
 
 def test_nothing_is_lost_when_the_relay_is_killed_again_and_again(
     kafka_bootstrap: str,
-    topics: Topics,
     registry: RegistryDouble,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
-    tmp_path: Path,
+    stack: Stack,
 ) -> None:
     traffic = generate(30_000, registry=_registry_client(registry), visitors=5000, seed=23)
     emulator.set_faults(Faults(latency_ms=5, latency_jitter_ms=10))  # slow enough to kill mid-flight
-    topic = topics.create("crash", partitions=6)
-    topics.create_named(f"{topic}.dlq")
+    topic = stack.topic("crash", partitions=6)
     produce_traffic(kafka_bootstrap, topic, traffic)
     group = unique_name("group")
     in_flight_cap, consume_batch = 2000, 500
-    config = write_config(
-        tmp_path / "relay.toml",
-        bootstrap=kafka_bootstrap,
-        topics=[topic],
+    config = stack.config(
+        [topic],
         group=group,
-        emulator_url=emulator.url,
-        registry_url=registry.url,
         sections={
             "delivery": {"max_in_flight_records": in_flight_cap, "batch_max_events": 200},
             "kafka": {"consume_batch": consume_batch},
@@ -177,25 +155,16 @@ def test_nothing_is_lost_when_the_relay_is_killed_again_and_again(
 
 def test_nothing_is_lost_when_a_second_member_joins_and_the_first_leaves(
     kafka_bootstrap: str,
-    topics: Topics,
     registry: RegistryDouble,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
-    tmp_path: Path,
+    stack: Stack,
 ) -> None:
     traffic = generate(24_000, registry=_registry_client(registry), visitors=4000, seed=31)
     emulator.set_faults(Faults(latency_ms=2, latency_jitter_ms=5))
-    topic = topics.create("rebalance", partitions=6)
-    topics.create_named(f"{topic}.dlq")
+    topic = stack.topic("rebalance", partitions=6)
     group = unique_name("group")
-    config = write_config(
-        tmp_path / "relay.toml",
-        bootstrap=kafka_bootstrap,
-        topics=[topic],
-        group=group,
-        emulator_url=emulator.url,
-        registry_url=registry.url,
-    )
+    config = stack.config([topic], group=group)
     # Events keep flowing while the group changes hands: produce in the background, a slice at a time.
     slices = [traffic.records[i : i + 2000] for i in range(0, len(traffic.records), 2000)]
     producing = threading.Thread(target=lambda: [_produce_slice(kafka_bootstrap, topic, s) for s in slices])
@@ -227,14 +196,14 @@ def test_memory_stays_flat_while_a_large_backlog_drains_into_a_slow_api(
     registry: RegistryDouble,
     relays: Callable[..., RelayProcess],
     tmp_path: Path,
+    stack: Stack,
 ) -> None:
     backlog = 200_000
     traffic = generate(backlog, registry=_registry_client(registry), visitors=100_000, seed=41)
     # This emulator keeps no events (the test checks counts), so its own memory does not matter either.
     shops = [EmulatorShop(partner_id=pid, api_key=key) for pid, key in SHOPS.values()]
     with EmulatorThread(shops, Faults(latency_ms=40), max_events=0) as slow:
-        topic = topics.create("backlog", partitions=6)
-        topics.create_named(f"{topic}.dlq")
+        topic = stack.topic("backlog", partitions=6)
         produce_traffic(kafka_bootstrap, topic, traffic)
         group = unique_name("group")
         config = write_config(
@@ -270,25 +239,16 @@ def test_memory_stays_flat_while_a_large_backlog_drains_into_a_slow_api(
 def test_a_replay_from_an_earlier_offset_resends_events_with_their_original_time(
     kafka_bootstrap: str,
     kafka_admin: AdminClient,
-    topics: Topics,
     registry: RegistryDouble,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
-    tmp_path: Path,
+    stack: Stack,
 ) -> None:
     traffic = generate(400, registry=_registry_client(registry), seed=53)
-    topic = topics.create("replay", partitions=1)
-    topics.create_named(f"{topic}.dlq")
+    topic = stack.topic("replay", partitions=1)
     produce_traffic(kafka_bootstrap, topic, traffic)
     group = unique_name("group")
-    config = write_config(
-        tmp_path / "relay.toml",
-        bootstrap=kafka_bootstrap,
-        topics=[topic],
-        group=group,
-        emulator_url=emulator.url,
-        registry_url=registry.url,
-    )
+    config = stack.config([topic], group=group)
     relay = relays(config)
     first_run = wait_delivered(emulator, traffic.expected, relays=[relay])
     assert relay.terminate() == 0
@@ -311,23 +271,12 @@ def test_a_replay_from_an_earlier_offset_resends_events_with_their_original_time
 
 
 def test_sigterm_stops_cleanly_with_exit_status_zero(
-    kafka_bootstrap: str,
-    topics: Topics,
-    registry: RegistryDouble,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
-    tmp_path: Path,
+    stack: Stack,
 ) -> None:
-    topic = topics.create("idle")
-    topics.create_named(f"{topic}.dlq")
-    config = write_config(
-        tmp_path / "relay.toml",
-        bootstrap=kafka_bootstrap,
-        topics=[topic],
-        group=unique_name("group"),
-        emulator_url=emulator.url,
-        registry_url=registry.url,
-    )
+    topic = stack.topic("idle")
+    config = stack.config([topic])
     relay = relays(config)
     wait_for(lambda: relay.log_events("intake.assigned"), deadline_s=60, what="the assignment")
     assert relay.terminate() == 0

@@ -9,7 +9,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from decimal import Decimal
-from pathlib import Path
 
 import orjson
 from confluent_kafka.schema_registry import Schema
@@ -22,23 +21,22 @@ from tests.kafka import Topics, committed_offsets, end_offsets, produce, unique_
 from tests.relay import (
     SHOPS,
     RelayProcess,
+    Stack,
     dead_letters,
     event,
     expected_calls,
     generate,
     received,
-    write_config,
 )
 from tools.registry_double import RegistryDouble
 
 
 def test_every_kind_of_poison_record_is_dead_lettered_once_and_good_ones_still_flow(
     kafka_bootstrap: str,
-    topics: Topics,
     registry: RegistryDouble,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
-    tmp_path: Path,
+    stack: Stack,
 ) -> None:
     client = registry_client(registry.url)
     encoder = build_encoder("confluent-avro", registry=client)
@@ -103,18 +101,11 @@ def test_every_kind_of_poison_record_is_dead_lettered_once_and_good_ones_still_f
         if key is not None and key.decode() in poison
     }
     assert set(poison_positions) == set(poison)
-    topic = topics.create("poison")
-    dlq = topics.create_named(f"{topic}.dlq")
+    topic = stack.topic("poison")
+    dlq = f"{topic}.dlq"
     produce(kafka_bootstrap, topic, records)
     group = unique_name("group")
-    config = write_config(
-        tmp_path / "relay.toml",
-        bootstrap=kafka_bootstrap,
-        topics=[topic],
-        group=group,
-        emulator_url=emulator.url,
-        registry_url=registry.url,
-    )
+    config = stack.config([topic], group=group)
     relay = relays(config)
 
     letters = dead_letters(kafka_bootstrap, dlq, len(poison))
@@ -151,24 +142,19 @@ def test_every_kind_of_poison_record_is_dead_lettered_once_and_good_ones_still_f
 
 def test_an_outage_dead_letters_nothing_loses_nothing_and_costs_few_requests(
     kafka_bootstrap: str,
-    topics: Topics,
     registry: RegistryDouble,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
-    tmp_path: Path,
+    stack: Stack,
 ) -> None:
     traffic = generate(3000, registry=registry_client(registry.url), seed=71)
-    topic = topics.create("outage", partitions=3)
-    dlq = topics.create_named(f"{topic}.dlq")
+    topic = stack.topic("outage", partitions=3)
+    dlq = f"{topic}.dlq"
     group = unique_name("group")
     concurrency, threshold, probe_base = 4, 5, 0.5
-    config = write_config(
-        tmp_path / "relay.toml",
-        bootstrap=kafka_bootstrap,
-        topics=[topic],
+    config = stack.config(
+        [topic],
         group=group,
-        emulator_url=emulator.url,
-        registry_url=registry.url,
         sections={
             "delivery": {"max_concurrent_batches": concurrency},
             "retry": {
@@ -234,22 +220,15 @@ def _wait_all(
 
 def test_after_a_429_with_retry_after_no_request_goes_to_that_shop_before_the_time_it_named(
     kafka_bootstrap: str,
-    topics: Topics,
     registry: RegistryDouble,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
-    tmp_path: Path,
+    stack: Stack,
 ) -> None:
     traffic = generate(300, registry=registry_client(registry.url), seed=81, shops=("demo",))
-    topic = topics.create("throttled")
-    topics.create_named(f"{topic}.dlq")
-    config = write_config(
-        tmp_path / "relay.toml",
-        bootstrap=kafka_bootstrap,
-        topics=[topic],
-        group=unique_name("group"),
-        emulator_url=emulator.url,
-        registry_url=registry.url,
+    topic = stack.topic("throttled")
+    config = stack.config(
+        [topic],
         sections={"delivery": {"max_concurrent_batches": 1, "batch_max_events": 50}},
     )
     retry_after = 2
@@ -273,11 +252,10 @@ def test_after_a_429_with_retry_after_no_request_goes_to_that_shop_before_the_ti
 
 def test_a_refused_batch_is_resent_singly_so_only_the_bad_event_is_dead_lettered(
     kafka_bootstrap: str,
-    topics: Topics,
     registry: RegistryDouble,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
-    tmp_path: Path,
+    stack: Stack,
 ) -> None:
     client = registry_client(registry.url)
     encoder = build_encoder("confluent-avro", registry=client)
@@ -286,18 +264,13 @@ def test_a_refused_batch_is_resent_singly_so_only_the_bad_event_is_dead_lettered
         ("ProductViewed", event("ProductViewed", productId=p, groupId=None, sessionId=f"v{p}"))
         for p in (1, 2, bad_product, 3, 4)
     ]
-    topic = topics.create("batch400")
-    dlq = topics.create_named(f"{topic}.dlq")
+    topic = stack.topic("batch400")
+    dlq = f"{topic}.dlq"
     produce(kafka_bootstrap, topic, [(f["sessionId"].encode(), encoder.encode(n, f)) for n, f in events])
     # The server refuses a product the relay cannot know is bad (say, one missing from the feed).
     emulator.set_faults(Faults(reject_product_ids=(bad_product,)))
-    config = write_config(
-        tmp_path / "relay.toml",
-        bootstrap=kafka_bootstrap,
-        topics=[topic],
-        group=unique_name("group"),
-        emulator_url=emulator.url,
-        registry_url=registry.url,
+    config = stack.config(
+        [topic],
         sections={"delivery": {"batch_linger_ms": 200}},  # one batch holds all five
     )
     relay = relays(config)
@@ -316,26 +289,17 @@ def test_a_refused_batch_is_resent_singly_so_only_the_bad_event_is_dead_lettered
 
 def test_a_revoked_key_halts_the_service_without_committing_and_a_fixed_key_delivers_everything(
     kafka_bootstrap: str,
-    topics: Topics,
     registry: RegistryDouble,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
-    tmp_path: Path,
+    stack: Stack,
 ) -> None:
     traffic = generate(2000, registry=registry_client(registry.url), seed=91, shops=("demo",))
-    topic = topics.create("revoked", partitions=2)
-    dlq = topics.create_named(f"{topic}.dlq")
+    topic = stack.topic("revoked", partitions=2)
+    dlq = f"{topic}.dlq"
     produce(kafka_bootstrap, topic, traffic.records)
     group = unique_name("group")
-    config = write_config(
-        tmp_path / "relay.toml",
-        bootstrap=kafka_bootstrap,
-        topics=[topic],
-        group=group,
-        emulator_url=emulator.url,
-        registry_url=registry.url,
-        shops=("demo",),
-    )
+    config = stack.config([topic], group=group, shops=("demo",))
 
     revoked = relays(config, name="revoked", RR_API_KEY_DEMO="a-key-retail-rocket-revoked")
     status = revoked.wait_exit(60)
@@ -365,7 +329,7 @@ def test_offsets_never_pass_a_record_the_dead_letter_topic_could_not_take(
     registry: RegistryDouble,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
-    tmp_path: Path,
+    stack: Stack,
 ) -> None:
     client = registry_client(registry.url)
     encoder = build_encoder("confluent-avro", registry=client)
@@ -377,13 +341,9 @@ def test_offsets_never_pass_a_record_the_dead_letter_topic_could_not_take(
     topic = topics.create("nodlq")
     group = unique_name("group")
     produce(kafka_bootstrap, topic, records)
-    config = write_config(
-        tmp_path / "relay.toml",
-        bootstrap=kafka_bootstrap,
-        topics=[topic],
+    config = stack.config(
+        [topic],
         group=group,
-        emulator_url=emulator.url,
-        registry_url=registry.url,
         sections={"dead_letter": {"write_timeout_s": 2}, "retry": {"base_s": 0.2, "cap_s": 1.0}},
     )
     relay = relays(config)
@@ -405,26 +365,20 @@ def test_offsets_never_pass_a_record_the_dead_letter_topic_could_not_take(
 
 def test_a_transient_failure_older_than_the_maximum_age_is_dead_lettered(
     kafka_bootstrap: str,
-    topics: Topics,
     registry: RegistryDouble,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
-    tmp_path: Path,
+    stack: Stack,
 ) -> None:
     client = registry_client(registry.url)
     encoder = build_encoder("confluent-avro", registry=client)
     view = event("ProductViewed", productId=5, groupId=None)
-    topic = topics.create("maxage")
-    dlq = topics.create_named(f"{topic}.dlq")
+    topic = stack.topic("maxage")
+    dlq = f"{topic}.dlq"
     produce(kafka_bootstrap, topic, [(b"visitor42", encoder.encode("ProductViewed", view))])
     emulator.set_faults(Faults(outage="503"))
-    config = write_config(
-        tmp_path / "relay.toml",
-        bootstrap=kafka_bootstrap,
-        topics=[topic],
-        group=unique_name("group"),
-        emulator_url=emulator.url,
-        registry_url=registry.url,
+    config = stack.config(
+        [topic],
         sections={"retry": {"base_s": 0.05, "cap_s": 0.2, "max_age_s": 1.0, "breaker_threshold": 1000}},
     )
     relay = relays(config)
@@ -438,11 +392,10 @@ def test_a_transient_failure_older_than_the_maximum_age_is_dead_lettered(
 
 def test_an_unknown_event_type_is_skipped_and_committed_when_so_configured(
     kafka_bootstrap: str,
-    topics: Topics,
     registry: RegistryDouble,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
-    tmp_path: Path,
+    stack: Stack,
 ) -> None:
     client = registry_client(registry.url)
     encoder = build_encoder("confluent-avro", registry=client)
@@ -456,8 +409,8 @@ def test_an_unknown_event_type_is_skipped_and_committed_when_so_configured(
     body = io.BytesIO()
     schemaless_writer(body, parse_schema(other), {"depth": 3})
     view = event("ProductViewed", productId=8, groupId=None)
-    topic = topics.create("skip")
-    dlq = topics.create_named(f"{topic}.dlq")
+    topic = stack.topic("skip")
+    dlq = f"{topic}.dlq"
     group = unique_name("group")
     produce(
         kafka_bootstrap,
@@ -467,15 +420,7 @@ def test_an_unknown_event_type_is_skipped_and_committed_when_so_configured(
             (b"visitor42", encoder.encode("ProductViewed", view)),
         ],
     )
-    config = write_config(
-        tmp_path / "relay.toml",
-        bootstrap=kafka_bootstrap,
-        topics=[topic],
-        group=group,
-        emulator_url=emulator.url,
-        registry_url=registry.url,
-        sections={"delivery": {"unknown_event": "skip"}},
-    )
+    config = stack.config([topic], group=group, sections={"delivery": {"unknown_event": "skip"}})
     relay = relays(config)
     wait_for(
         lambda: committed_offsets(kafka_bootstrap, group, topic, 1) == {0: 2},

@@ -18,7 +18,7 @@ from consumer.decode import registry_client
 from consumer.emulator import EmulatorShop, EmulatorThread, Faults
 from consumer.logs import SecretScrubber
 from tests.kafka import Topics, produce, unique_name, wait_for
-from tests.relay import SHOPS, RelayProcess, generate, write_config
+from tests.relay import SHOPS, RelayProcess, Stack, generate, write_config
 from tools import kafka_local
 from tools.registry_double import RegistryDouble
 
@@ -47,27 +47,17 @@ def value(metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: s
 
 def test_metrics_count_exactly_what_a_known_run_did(
     kafka_bootstrap: str,
-    topics: Topics,
     registry: RegistryDouble,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
-    tmp_path: Path,
+    stack: Stack,
 ) -> None:
     traffic = generate(500, registry=registry_client(registry.url), seed=101)
-    topic = topics.create("metrics", partitions=2)
-    topics.create_named(f"{topic}.dlq")
+    topic = stack.topic("metrics", partitions=2)
     poison = [(b"bad1", b""), (b"bad2", b"\x00\x00\x00\x00\x63garbage")]
     produce(kafka_bootstrap, topic, [*traffic.records, *poison])
     port = kafka_local.free_port()
-    config = write_config(
-        tmp_path / "relay.toml",
-        bootstrap=kafka_bootstrap,
-        topics=[topic],
-        group=unique_name("group"),
-        emulator_url=emulator.url,
-        registry_url=registry.url,
-        sections={"observability": {"port": port, "host": "127.0.0.1"}},
-    )
+    config = stack.config([topic], sections={"observability": {"port": port, "host": "127.0.0.1"}})
     relay = relays(config)
     total = len(traffic.records) + len(poison)
 
@@ -111,22 +101,15 @@ def test_metrics_count_exactly_what_a_known_run_did(
 
 def test_an_open_breaker_pauses_the_partition_and_readiness_follows_while_liveness_stays_green(
     kafka_bootstrap: str,
-    topics: Topics,
     registry: RegistryDouble,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
-    tmp_path: Path,
+    stack: Stack,
 ) -> None:
-    topic = topics.create("ready")
-    topics.create_named(f"{topic}.dlq")
+    topic = stack.topic("ready")
     port = kafka_local.free_port()
-    config = write_config(
-        tmp_path / "relay.toml",
-        bootstrap=kafka_bootstrap,
-        topics=[topic],
-        group=unique_name("group"),
-        emulator_url=emulator.url,
-        registry_url=registry.url,
+    config = stack.config(
+        [topic],
         sections={
             "observability": {"port": port, "host": "127.0.0.1"},
             "kafka": {"statistics_interval_ms": 200},
@@ -232,13 +215,13 @@ def test_no_secret_reaches_the_log_even_at_debug_level_on_failure_paths(
     registry: RegistryDouble,
     relays: Callable[..., RelayProcess],
     tmp_path: Path,
+    stack: Stack,
 ) -> None:
     secret = "sEcReT-key-that-must-not-leak-42"
     # Timeouts and resets carry aiohttp's full URL (with the key) inside their exceptions.
     shops = [EmulatorShop(partner_id="p-demo", api_key=secret)]
     with EmulatorThread(shops, Faults(latency_ms=300, error_rate=0.3, error_status=500)) as slow:
-        topic = topics.create("secrets")
-        topics.create_named(f"{topic}.dlq")
+        topic = stack.topic("secrets")
         traffic = generate(30, registry=registry_client(registry.url), seed=3, shops=("demo",))
         produce(kafka_bootstrap, topic, traffic.records)
         config = write_config(
