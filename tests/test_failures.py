@@ -11,7 +11,7 @@ from collections.abc import Callable
 from decimal import Decimal
 
 import orjson
-from confluent_kafka.schema_registry import Schema
+from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from fastavro import parse_schema, schemaless_writer
 
 from consumer.decode import registry_client
@@ -31,6 +31,20 @@ from tests.relay import (
 from tools.registry_double import RegistryDouble
 
 
+def foreign_record(client: SchemaRegistryClient, name: str) -> bytes:
+    """A record of another team's type (``com.other.<name>``, registered), in the Confluent wire format."""
+    schema = {
+        "type": "record",
+        "name": name,
+        "namespace": "com.other",
+        "fields": [{"name": "x", "type": "int"}],
+    }
+    schema_id = client.register_schema(f"com.other.{name}", Schema(orjson.dumps(schema).decode(), "AVRO"))
+    body = io.BytesIO()
+    schemaless_writer(body, parse_schema(schema), {"x": 7})
+    return b"\x00" + schema_id.to_bytes(4, "big") + body.getvalue()
+
+
 def test_every_kind_of_poison_record_is_dead_lettered_once_and_good_ones_still_flow(
     kafka_bootstrap: str,
     registry: RegistryDouble,
@@ -41,15 +55,7 @@ def test_every_kind_of_poison_record_is_dead_lettered_once_and_good_ones_still_f
     client = registry_client(registry.url)
     encoder = build_encoder("confluent-avro", registry=client)
     valid = encoder.encode("ProductViewed", event("ProductViewed", productId=1, groupId=None))
-    mystery = {
-        "type": "record",
-        "name": "Mystery",
-        "namespace": "com.other",
-        "fields": [{"name": "x", "type": "int"}],
-    }
-    mystery_id = client.register_schema("com.other.Mystery", Schema(orjson.dumps(mystery).decode(), "AVRO"))
-    body = io.BytesIO()
-    schemaless_writer(body, parse_schema(mystery), {"x": 7})
+    mystery = foreign_record(client, "Mystery")
     order = event(
         "OrderPlaced",
         orderId="o-1",
@@ -68,7 +74,7 @@ def test_every_kind_of_poison_record_is_dead_lettered_once_and_good_ones_still_f
         "trailing garbage": (valid + b"\x01\x02\x03", "decode", "DecodeError"),
         "unknown schema id": (b"\x00" + (987654).to_bytes(4, "big") + valid[5:], "decode", "SchemaNotFound"),
         "unknown record type": (
-            b"\x00" + mystery_id.to_bytes(4, "big") + body.getvalue(),
+            mystery,
             "decode",
             "UnknownEventType",
         ),
@@ -399,15 +405,7 @@ def test_an_unknown_event_type_is_skipped_and_committed_when_so_configured(
 ) -> None:
     client = registry_client(registry.url)
     encoder = build_encoder("confluent-avro", registry=client)
-    other = {
-        "type": "record",
-        "name": "PageScrolled",
-        "namespace": "com.other",
-        "fields": [{"name": "depth", "type": "int"}],
-    }
-    other_id = client.register_schema("com.other.PageScrolled", Schema(orjson.dumps(other).decode(), "AVRO"))
-    body = io.BytesIO()
-    schemaless_writer(body, parse_schema(other), {"depth": 3})
+    scrolled = foreign_record(client, "PageScrolled")
     view = event("ProductViewed", productId=8, groupId=None)
     topic = stack.topic("skip")
     dlq = f"{topic}.dlq"
@@ -416,7 +414,7 @@ def test_an_unknown_event_type_is_skipped_and_committed_when_so_configured(
         kafka_bootstrap,
         topic,
         [
-            (b"scroller", b"\x00" + other_id.to_bytes(4, "big") + body.getvalue()),
+            (b"scroller", scrolled),
             (b"visitor42", encoder.encode("ProductViewed", view)),
         ],
     )
