@@ -74,12 +74,22 @@ def _add_config(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     check = actions.add_parser(
         "check",
-        help="validate the configuration and print it, secrets masked",
-        epilog="example:\n  rr-consumer config check --config config.example.toml",
+        help="validate the configuration, print it (secrets masked), check the parts around the relay",
+        description="Validate the configuration and print it with secrets masked, then check what `run` "
+        "checks before it starts: a broker answers at kafka.bootstrap_servers, every topic and dead-letter "
+        "topic exists (or is created, with dead_letter.create_topics), the schema registry answers. No "
+        "tracking call is sent. Exit status 0 when everything holds, 2 otherwise.",
+        epilog="examples:\n  rr-consumer config check --config config.example.toml\n"
+        "  rr-consumer config check --config config.example.toml --offline   # no network",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     check.add_argument(
         "--config", type=Path, metavar="FILE", help="TOML configuration (RR_* variables override it)"
+    )
+    check.add_argument(
+        "--offline",
+        action="store_true",
+        help="check the configuration only; skip the brokers, topics and schema registry",
     )
 
     def run(args: argparse.Namespace) -> int:
@@ -89,7 +99,18 @@ def _add_config(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         if loaded is None:
             return 2
         print(config.describe(loaded))
-        return 0
+        print("ok   configuration: valid (URLs, settings, API keys resolved)")
+        if args.offline:
+            print("skipped: brokers, topics, dead-letter topics, schema registry (--offline)")
+            return 0
+        from consumer import preflight, service
+
+        checks = preflight.run_checks(
+            loaded, admin_config=service.kafka_client_config(loaded.settings), create=False
+        )
+        for line in (check.line() for check in checks):
+            print(line)
+        return 0 if preflight.first_failure(checks) is None else 2
 
     check.set_defaults(handler=run)
 

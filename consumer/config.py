@@ -17,8 +17,17 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from consumer.errors import ConfigError
@@ -39,6 +48,36 @@ UnknownEventPolicy = Literal["dead-letter", "skip"]
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def check_http_url(value: str) -> str:
+    """An absolute ``http(s)://host[:port]/path`` URL, or a ValueError that says what is missing.
+
+    A URL without a scheme passes most parsers as a relative path; the relay would then fail on every
+    request (the tracking API: every call a "permanent" failure) or die deep in a client library.
+    """
+    shown = display_url(value)
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # raises on a port that is not a number or out of range
+    except ValueError as error:
+        raise ValueError(f"{shown!r} is not a valid URL: {error}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"{shown!r} must start with http:// or https://")
+    if not parts.hostname:
+        raise ValueError(f"{shown!r} names no host")
+    if port == 0:
+        raise ValueError(f"{shown!r} has port 0")
+    return value
+
+
+def display_url(url: str) -> str:
+    """``url`` as it may be printed: a password written into it (``user:secret@host``) masked."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:{MASK}@{host}"
 
 
 class ShopConfig(_Frozen):
@@ -79,6 +118,11 @@ class TrackingConfig(_Frozen):
     concurrency: int = Field(default=64, ge=1, description="connections in the keep-alive pool")
     verify_tls: bool = True
 
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return check_http_url(value)
+
 
 class KafkaConfig(_Frozen):
     bootstrap_servers: str = "127.0.0.1:9092"
@@ -91,7 +135,9 @@ class KafkaConfig(_Frozen):
     queued_max_messages_kbytes: int = Field(default=16_384, ge=64)
     commit_interval_ms: int = Field(default=1000, ge=50)
     #: How often librdkafka reports statistics (consumer lag, broker state) for metrics and readiness.
-    statistics_interval_ms: int = Field(default=5000, ge=100)
+    statistics_interval_ms: int = Field(default=2000, ge=100)
+    #: At start, how long the brokers get to answer before ``run`` stops with exit status 2.
+    connect_timeout_s: float = Field(default=15.0, gt=0)
 
 
 class TopicConfig(_Frozen):
@@ -119,6 +165,11 @@ class SchemaRegistryConfig(_Frozen):
         default=None, description="environment variable holding 'user:password' for the registry"
     )
     timeout_s: float = Field(default=5.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return None if value is None else check_http_url(value)
 
 
 class DeliveryConfig(_Frozen):
@@ -163,6 +214,9 @@ class DeadLetterConfig(_Frozen):
     min_dead_lettered: int = Field(default=50, ge=1)
     #: How long one write to the dead-letter topic may take before it is retried (the record stays unsettled).
     write_timeout_s: float = Field(default=30.0, gt=0)
+    #: At start, create a missing dead-letter topic with its source topic's partition count (as Kafka
+    #: Connect does for its dead-letter queue); off: a missing one stops the start with its name.
+    create_topics: bool = False
 
 
 class ObservabilityConfig(_Frozen):

@@ -19,7 +19,9 @@ Three value formats, configured per topic (:data:`ValueFormat`):
 Failures: every way a value can be bad raises a :class:`~consumer.errors.DecodeError` (permanent: the record
 is dead-lettered) with a reason precise enough to act on; :class:`UnknownEventType` is one of them, so the
 engine can choose to skip such records instead. A schema registry that cannot be reached, times out or
-answers an error other than 404 raises :class:`~consumer.errors.RegistryUnavailable` (transient: retry).
+answers an error other than its own "not found" (a 404 with a registry error code, 404xx) raises
+:class:`~consumer.errors.RegistryUnavailable` (transient: retry): a bare 404 comes from a URL that is no
+registry, and would otherwise drain the topic into the dead-letter topic.
 
 Timestamps: fields of logical type ``timestamp-millis`` are decoded as **epoch milliseconds** (``int``, UTC),
 not as ``datetime``. fastavro's conversion to ``datetime`` costs about 1.2 µs per record, a third of the whole
@@ -306,8 +308,16 @@ class ConfluentAvroDecoder:
         try:
             schema = self._registry.get_schema(schema_id)
         except SchemaRegistryError as exc:
-            if exc.http_status_code == 404:
+            if exc.http_status_code == 404 and is_registry_answer(exc):
                 raise SchemaNotFound(schema_id, f"schema id {schema_id} is not in the registry") from exc
+            if exc.http_status_code == 404:
+                # A 404 without a registry's error code comes from a server that is not a Schema Registry
+                # (a wrong path in schema_registry.url, a proxy): a fault of the setup, so every record would
+                # be refused. Held and retried like an outage, never dead-lettered.
+                raise RegistryUnavailable(
+                    f"schema registry answered HTTP 404 without a registry error code for schema id "
+                    f"{schema_id}: schema_registry.url does not point at a Schema Registry API"
+                ) from exc
             # Anything else (5xx, 408, 429, but also 401/403) says nothing about the record: it is the
             # service's view of the registry that is broken, so the record is retried, never dead-lettered.
             raise RegistryUnavailable(
@@ -349,6 +359,14 @@ class ConfluentAvroDecoder:
         return _WriterPlan(
             record.type, writer, None if same else record.decoding, f"{name} (schema id {schema_id})"
         )
+
+
+def is_registry_answer(error: SchemaRegistryError) -> bool:
+    """Whether an error came from a Schema Registry's API: its error codes extend the HTTP status
+    (``40403``: schema not found, ``40401``: subject not found); a server that is not one answers a bare 404
+    (error code -1 or 404)."""
+    status = error.http_status_code
+    return status is not None and status * 100 <= error.error_code < (status + 1) * 100
 
 
 def _avro_kind(schema: Any) -> str:

@@ -31,8 +31,9 @@ from confluent_kafka import TopicPartition as KafkaTopicPartition
 
 from consumer.config import DeliveryMode, Settings, UnknownEventPolicy
 from consumer.contract import SINGLE_METHODS, TrackingCall
-from consumer.decode import Decoder, UnknownEventType
-from consumer.errors import PermanentError, RegistryUnavailable
+from consumer.decode import Decoder, DomainEvent, UnknownEventType
+from consumer.errors import DecodeError, PermanentError, RegistryUnavailable, TranslateError
+from consumer.faults import FaultBoard
 from consumer.metrics import RelayMetrics
 from consumer.record import CallFailure, Record, TopicPartition
 from consumer.redrive import RedrivePlan
@@ -46,6 +47,11 @@ log = structlog.get_logger(__name__)
 POLL_TIMEOUT_S = 0.1
 #: How long one end-offset query for a paused partition may take (once per statistics interval).
 LAG_QUERY_TIMEOUT_S = 0.5
+#: A broker connection that received nothing for this long counts as lost, though its socket is open (a
+#: frozen or overloaded broker): a member in a group hears from its coordinator every heartbeat (3 s).
+BROKER_SILENT_S = 10.0
+#: A consume error (e.g. a topic deleted under the relay) stays a fault this long after it was last seen.
+CONSUME_FAULT_TTL_S = 30.0
 #: The start of each method's ``visitorEvents`` envelope, ``{"view":``: the body and a ``}`` complete it.
 _ENVELOPE: Final[Mapping[str, bytes]] = {method: b'{"' + method.encode() + b'":' for method in SINGLE_METHODS}
 
@@ -98,10 +104,12 @@ class Intake:
         *,
         consumer_factory: Callable[[dict[str, Any]], Consumer] = Consumer,
         metrics: RelayMetrics | None = None,
+        faults: FaultBoard | None = None,
         redrive: RedrivePlan | None = None,
         stop_at: Mapping[TopicPartition, int] | None = None,
     ) -> None:
         self._metrics = metrics or RelayMetrics()
+        self.faults = faults or FaultBoard()
         self._redrive = redrive
         # A bounded run (a re-drive) reads each partition only up to this offset; a partition not named
         # is not read at all. What lies beyond is neither processed nor committed, and the partition pauses.
@@ -132,8 +140,10 @@ class Intake:
         self.lag: dict[TopicPartition, int] = {}
         #: When each partition's offset was last committed (wall clock), from the commit callback.
         self.commit_times: dict[TopicPartition, float] = {}
-        #: Whether any broker connection was up at the last statistics report (None: no report yet).
+        #: Whether a broker connection was up and answering at the last report (None: no report yet).
         self.broker_up: bool | None = None
+        #: When each partition was assigned (wall clock): how old "never committed" is.
+        self.assigned_at: dict[TopicPartition, float] = {}
         self._lag_refresh_due = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rr-intake", daemon=True)
@@ -172,7 +182,12 @@ class Intake:
         consumer: Consumer | None = None
         try:
             consumer = self._consumer_factory(
-                {**consumer_config(self._settings), "stats_cb": self._on_stats, "on_commit": self._on_commit}
+                {
+                    **consumer_config(self._settings),
+                    "stats_cb": self._on_stats,
+                    "error_cb": self._on_error,
+                    "on_commit": self._on_commit,
+                }
             )
             consumer.subscribe(
                 [topic.name for topic in self._settings.topics],
@@ -246,12 +261,16 @@ class Intake:
                 retrying.add(tp)
                 self._retry_decode_later(consumer, tp, offset, exc)
                 continue
+            except Exception as exc:  # noqa: BLE001 - one record's surprise is its dead letter, not the thread's end
+                record.failure = DecodeError(_unexpected("preparing", exc))
             records.append(record)
             counts[tp[0]] = counts.get(tp[0], 0) + 1
         if self._decode_retry:
             # The registry answered for these partitions again (unless a later record of one failed).
             for tp in {record.tp for record in records} - retrying:
                 self._decode_retry.pop(tp, None)
+            if not self._decode_retry:
+                self.faults.clear("registry", event="intake.registry_back")
         self.consumed += len(records)
         consumed = self._metrics.consumed
         for name, count in counts.items():
@@ -278,7 +297,6 @@ class Intake:
             topic, value = record.tp[0], message.value()
         try:
             event = self._decoders[topic].decode(value)
-            calls, rejected = self._translator.translate_partial(event)
         except UnknownEventType as exc:
             if self._unknown == "skip":
                 return  # no calls, no failure: it settles at once and is committed
@@ -287,6 +305,20 @@ class Intake:
         except PermanentError as exc:
             record.failure = exc
             return
+        except RegistryUnavailable:
+            raise  # transient: the partition waits for the registry (see _prepare)
+        except Exception as exc:  # noqa: BLE001 - a decoder's surprise is this record's dead letter
+            record.failure = DecodeError(_unexpected("decoding", exc))
+            return
+        try:
+            self._translate(record, event, delivered)
+        except PermanentError as exc:
+            record.failure = exc
+        except Exception as exc:  # noqa: BLE001 - as above, for translating and encoding
+            record.failure = TranslateError(_unexpected("translating", exc))
+
+    def _translate(self, record: Record, event: DomainEvent, delivered: frozenset[int]) -> None:
+        calls, rejected = self._translator.translate_partial(event)
         record.shop = calls[0].shop if calls else None
         record.calls = calls
         if rejected or delivered:
@@ -310,7 +342,14 @@ class Intake:
     def _consume_error(self, error: KafkaError) -> None:
         if error.fatal():
             raise KafkaException(error)
-        log.warning("intake.consume_error", code=error.name(), reason=error.str())
+        # Such an error repeats on every poll while it lasts (a deleted topic): one fault, not a line each.
+        self.faults.raise_fault(
+            f"consume:{error.name()}",
+            f"consuming failed: {error.str()}",
+            event="intake.consume_error",
+            ttl_s=CONSUME_FAULT_TTL_S,
+            code=error.name(),
+        )
 
     def _retry_decode_later(
         self, consumer: Consumer, tp: TopicPartition, offset: int, exc: RegistryUnavailable
@@ -322,14 +361,23 @@ class Intake:
         partition = KafkaTopicPartition(tp[0], tp[1], offset)
         consumer.pause([partition])
         consumer.seek(partition)
-        log.warning(
-            "intake.registry_unavailable",
+        log.debug(
+            "intake.registry_retry",
             topic=tp[0],
             partition=tp[1],
             offset=offset,
             attempt=attempts + 1,
             retry_in=round(delay, 2),
             reason=str(exc),
+        )
+        self.faults.raise_fault(
+            "registry",
+            f"schema registry unavailable (schema_registry.url), {len(self._decode_retry)} partition(s) "
+            f"paused: {exc}",
+            event="intake.registry_unavailable",
+            topic=tp[0],
+            partition=tp[1],
+            offset=offset,
         )
 
     # --- pause, resume, offsets ----------------------------------------------------------------------
@@ -380,11 +428,7 @@ class Intake:
 
     def _on_stats(self, raw: str) -> None:
         stats = orjson.loads(raw)
-        self.broker_up = any(
-            broker.get("state") == "UP"
-            for broker in stats.get("brokers", {}).values()
-            if broker.get("nodeid", -1) >= 0
-        )
+        self._broker_state(_brokers_answering(stats.get("brokers", {})))
         lag: dict[TopicPartition, int] = {}
         for topic, info in stats.get("topics", {}).items():
             for key, partition in info.get("partitions", {}).items():
@@ -409,6 +453,26 @@ class Intake:
             if position >= 0:
                 self.lag[tp] = max(0, high - position)
 
+    def _on_error(self, error: KafkaError) -> None:
+        """librdkafka's error events (served inside consume()); the rest of its news is in its log."""
+        if error.code() == KafkaError._ALL_BROKERS_DOWN:
+            self._broker_state(f"every broker connection is down ({error.str()})")
+        else:
+            log.debug("intake.kafka_error", code=error.name(), reason=error.str(), fatal=error.fatal())
+
+    def _broker_state(self, problem: str | None) -> None:
+        """Readiness and one line per change: the brokers answer (``problem`` None) or not."""
+        self.broker_up = problem is None
+        servers = self._settings.kafka.bootstrap_servers
+        if problem is None:
+            self.faults.clear("kafka", event="kafka.broker_back", bootstrap_servers=servers)
+        else:
+            self.faults.raise_fault(
+                "kafka",
+                f"no Kafka broker reachable (kafka.bootstrap_servers = {servers}): {problem}",
+                event="kafka.broker_lost",
+            )
+
     def _on_commit(self, error: KafkaError | None, partitions: list[KafkaTopicPartition]) -> None:
         if error is not None:
             log.warning("intake.commit_failed", error=error.str())
@@ -426,6 +490,7 @@ class Intake:
             tp = (partition.topic, partition.partition)
             self._generation[tp] = self._generation.get(tp, 0) + 1
             self._assigned.add(tp)
+            self.assigned_at[tp] = time.time()
             assigned.append((tp, self._generation[tp]))
         # The loop learns of the assignment before any record of it: both go through the same FIFO.
         self._loop.call_soon_threadsafe(self._listener.on_assigned, assigned)
@@ -466,6 +531,7 @@ class Intake:
             self._assigned.discard(tp)
             self._decode_retry.pop(tp, None)
             self.commit_times.pop(tp, None)
+            self.assigned_at.pop(tp, None)
             self.lag.pop(tp, None)
             self._finished.discard(tp)
         self._currently_paused = self._currently_paused - set(tps)
@@ -473,3 +539,28 @@ class Intake:
 
 def _names(partitions: list[KafkaTopicPartition]) -> list[str]:
     return [f"{p.topic}[{p.partition}]" for p in partitions]
+
+
+def _brokers_answering(brokers: Mapping[str, Any]) -> str | None:
+    """None when a broker connection is up and heard from recently; else what is wrong with them all.
+
+    A socket can stay up to a broker that stopped answering (frozen, partitioned): ``rxidle`` (µs since
+    the last byte received) tells that apart, as a member hears from its coordinator every heartbeat.
+    """
+    known = [b for b in brokers.values() if b.get("nodeid", -1) >= 0]
+    if not known:
+        return "no broker known yet"
+    up = [b for b in known if b.get("state") == "UP"]
+    if not up:
+        return "no connection to any broker (" + ", ".join(sorted(str(b.get("state")) for b in known)) + ")"
+    silent_us = min(
+        b["rxidle"] if b.get("rxidle", -1) >= 0 else 0 for b in up
+    )  # -1: nothing received yet on a fresh connection
+    if silent_us > BROKER_SILENT_S * 1_000_000:
+        return f"connected, but no broker has answered for {silent_us / 1_000_000:.0f}s"
+    return None
+
+
+def _unexpected(step: str, exc: Exception) -> str:
+    """The dead-letter reason for an error no stage anticipated: its type and message, never a traceback."""
+    return f"unexpected {type(exc).__name__} while {step} the record: {exc}"[:500]

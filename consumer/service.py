@@ -30,12 +30,13 @@ from typing import Any, Final
 
 import structlog
 
-from consumer import __version__
+from consumer import __version__, preflight
 from consumer.breaker import CircuitBreaker
 from consumer.config import RelayConfig, Settings
 from consumer.deadletter import DeadLetterWriter
 from consumer.decode import Decoder, build_decoder, registry_client
 from consumer.deliver import Dispatcher
+from consumer.faults import FaultBoard
 from consumer.guard import SHOP_WIDE_STATUSES, DeadLetterGuard
 from consumer.health import HealthServer
 from consumer.intake import Intake
@@ -51,6 +52,7 @@ log = structlog.get_logger(__name__)
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
+EXIT_CONFIG: Final = 2
 EXIT_HALTED: Final = 3
 #: How often a draining revoke or shutdown looks at the in-flight count.
 DRAIN_POLL_S: Final = 0.01
@@ -84,10 +86,27 @@ def build_decoders(config: RelayConfig) -> dict[str, Decoder]:
     }
 
 
+#: librdkafka settings only a consumer takes: passed to a producer or an admin client, each draws a warning.
+_CONSUMER_ONLY = (
+    "auto.",
+    "group.",
+    "session.",
+    "heartbeat.",
+    "max.poll.",
+    "fetch.",
+    "queued.",
+    "partition.assignment.",
+    "isolation.",
+    "enable.auto.",
+    "enable.partition.eof",
+    "check.crcs",
+)
+
+
 def kafka_client_config(settings: Settings) -> dict[str, Any]:
+    """The settings every client of the relay shares (security, addresses): no consumer-only ones."""
     kafka = settings.kafka
-    # Consumer-only settings must not reach the producer (librdkafka warns about every one of them).
-    common = {k: v for k, v in kafka.client.items() if not k.startswith(("auto.", "group.", "session."))}
+    common = {k: v for k, v in kafka.client.items() if not k.startswith(_CONSUMER_ONLY)}
     return {**common, "bootstrap.servers": kafka.bootstrap_servers}
 
 
@@ -116,6 +135,10 @@ class Relay:
         self._suspects: dict[str, list[Record]] = {}
         # shop -> partitions its records came from: what to pause while the shop's breaker is open
         self._feeds: dict[str, set[TopicPartition]] = {}
+        #: Faults of the parts around the relay (broker, registry, dead-letter topic): readiness and the log.
+        self.faults = FaultBoard()
+        # Partitions with a record the dead-letter topic refused: held (paused) until a write succeeds.
+        self._dlq_blocked: set[TopicPartition] = set()
         self._stopping: asyncio.Event | None = None
         self._halt_reason: str | None = None
         self._intake_error: BaseException | None = None
@@ -179,6 +202,7 @@ class Relay:
             self,
             loop,
             metrics=self.metrics,
+            faults=self.faults,
             redrive=self.redrive.plan if self.redrive is not None else None,
             stop_at=self.redrive.stop_at if self.redrive is not None else None,
         )
@@ -249,14 +273,38 @@ class Relay:
             problems.append("stopping")
         if not self.intake.assigned:
             problems.append("no partitions assigned")
-        if self.intake.broker_up is False:
-            problems.append("no Kafka broker reachable")
+        problems.extend(self.faults.current())  # broker, registry, dead-letter topic, consume errors
         problems.extend(
             f"circuit breaker open for shop {shop!r}"
             for shop, b in self.breakers.items()
             if b.state == "open"
         )
+        problems.extend(self._stalled_partitions())
         return problems
+
+    def _stalled_partitions(self) -> list[str]:
+        """Partitions with records behind their committed offset that has not moved for ``stall_after_s``.
+
+        The age runs from the last commit, or from the assignment when the partition was never committed
+        here; a partition with nothing behind its commit is idle, not stalled.
+        """
+        stall = self.config.settings.observability.stall_after_s
+        now = time.time()
+        lag, commits, assigned = (
+            dict(self.intake.lag),
+            dict(self.intake.commit_times),
+            self.intake.assigned_at,
+        )
+        stalled = []
+        for tp, since in list(assigned.items()):
+            behind = lag.get(tp, 0)
+            age = now - max(commits.get(tp, 0.0), since)
+            if behind > 0 and age > stall:
+                stalled.append(
+                    f"partition {tp[0]}[{tp[1]}] has not committed for {age:.0f}s "
+                    f"with {behind} record(s) behind it"
+                )
+        return stalled
 
     async def _stop_when_caught_up(self, redrive: Redrive) -> None:
         """A re-drive ends at the end offsets it started with: it never chases its own output."""
@@ -339,8 +387,12 @@ class Relay:
         self.dispatcher.submit(kept)
 
     def _breaker_changed(self, shop: str, state: str) -> None:
-        """Pause the partitions that feed a shop whose API is down: its backlog stays in Kafka."""
-        held: set[TopicPartition] = set()
+        self._hold_partitions()
+
+    def _hold_partitions(self) -> None:
+        """Pause what cannot move: the partitions that feed a shop whose API is down, and those with a
+        record the dead-letter topic refused. Their backlog stays in Kafka, not in memory."""
+        held: set[TopicPartition] = set(self._dlq_blocked)
         for name, breaker in self.breakers.items():
             if breaker.state == "open":
                 held |= self._feeds.get(name, set())
@@ -354,6 +406,13 @@ class Relay:
         for tp in partitions:
             self.ledger.release(tp)
             self._drop_suspects(tp)
+        self._unblock(partitions)
+
+    def _unblock(self, partitions: list[TopicPartition]) -> None:
+        """Released partitions are no longer held here (their next owner meets the fault afresh)."""
+        if self._dlq_blocked.intersection(partitions):
+            self._dlq_blocked.difference_update(partitions)
+            self._hold_partitions()
 
     async def release(
         self, partitions: list[TopicPartition], grace_s: float
@@ -365,6 +424,7 @@ class Relay:
         for tp in partitions:
             positions[tp] = self.ledger.release(tp)
             self._drop_suspects(tp)
+        self._unblock(partitions)
         return positions
 
     def on_intake_stopped(self, error: BaseException | None) -> None:
@@ -438,6 +498,14 @@ class Relay:
         self.dlq.send(record)
 
     def _dead_letter_written(self, record: Record) -> None:
+        if record.tp in self._dlq_blocked:
+            self._dlq_blocked.discard(record.tp)
+            self._hold_partitions()
+            self.faults.clear(
+                f"dlq:{self._dlq_topics[record.tp[0]]}",
+                event="relay.dead_letter_writable",
+                topic=record.tp[0],
+            )
         if self.ledger.settle(record):
             self.dead_lettered += 1
             self._count_settled(record, "dead_lettered")
@@ -469,18 +537,34 @@ class Relay:
             calls[(shop, call.method, "permanent" if index in failed else "delivered")] += 1
 
     def _dead_letter_failed(self, record: Record, reason: str) -> None:
-        """The dead-letter topic refused the record: keep it unsettled and try again after a backoff."""
+        """The dead-letter topic refused the record: keep it unsettled, hold its partition, try again later.
+
+        A dead-letter topic that cannot be written is a fault of the setup, not of the record: nothing
+        behind the record is committed, readiness turns red, and the relay recovers by itself once a write
+        goes through (the topic created, the ACL granted).
+        """
         record.note_failure(time.time())
         delay = self.backoff.delay(record.attempts)
-        log.warning(
-            "relay.dead_letter_write_failed",
+        dlq = self._dlq_topics[record.tp[0]]
+        if self.ledger.owns(record) and record.tp not in self._dlq_blocked:
+            self._dlq_blocked.add(record.tp)
+            self._hold_partitions()
+        self.faults.raise_fault(
+            f"dlq:{dlq}",
+            f"dead-letter topic {dlq!r} cannot be written (topics.dead_letter_topic of {record.tp[0]!r}); "
+            f"partitions held: {self._blocked_names(dlq)}: {reason}",
+            event="relay.dead_letter_write_failed",
             topic=record.tp[0],
             partition=record.tp[1],
             offset=record.offset,
-            reason=reason,
-            retry_in=round(delay, 2),
+        )
+        log.debug(
+            "relay.dead_letter_retry", topic=record.tp[0], offset=record.offset, retry_in=round(delay, 2)
         )
         asyncio.get_running_loop().call_later(delay, lambda: self._dead_letter(record, counted=True))
+
+    def _blocked_names(self, dlq: str) -> str:
+        return ", ".join(f"{t}[{p}]" for t, p in sorted(self._dlq_blocked) if self._dlq_topics[t] == dlq)
 
     # --- suspects: records that failed for a reason that indicts the shop --------------------------
 
@@ -574,5 +658,11 @@ def _describe_failure(record: Record) -> str:
 
 
 def run(config: RelayConfig) -> int:
-    """Run the relay in a fresh event loop; return its exit status."""
+    """Check the parts around the relay, then run it in a fresh event loop; return its exit status."""
+    checks = preflight.run_checks(config, admin_config=kafka_client_config(config.settings))
+    failure = preflight.first_failure(checks)
+    if failure is not None:
+        log.error("relay.preflight_failed", setting=failure.setting, problem=failure.problem)
+        return EXIT_CONFIG
+    log.info("relay.preflight_passed", checks=[check.line() for check in checks])
     return asyncio.run(Relay(config).run())

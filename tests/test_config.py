@@ -352,16 +352,46 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     return monkeypatch
 
 
-def test_config_check_prints_the_masked_configuration_and_exits_0(
+def test_config_check_offline_prints_the_masked_configuration_says_what_it_skipped_and_exits_0(
     tmp_path: Path, clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     clean_env.setenv("RR_API_KEY_DEMO", KEY)
-    status = main(["config", "check", "--config", str(write(tmp_path, MINIMAL))])
+    status = main(["config", "check", "--offline", "--config", str(write(tmp_path, MINIMAL))])
     out, err = capsys.readouterr()
     assert (status, err) == (0, "")
     assert MASK in out
     assert KEY not in out
     assert "shop.events" in out
+    assert out.splitlines()[-1] == (
+        "skipped: brokers, topics, dead-letter topics, schema registry (--offline)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("section", "setting", "url", "problem"),
+    [
+        ("schema_registry", "url", "127.0.0.1:8081", "must start with http:// or https://"),
+        ("schema_registry", "url", "http:///subjects", "names no host"),
+        ("tracking", "base_url", "apptracking.retailrocket.net/1.0/", "must start with http:// or https://"),
+        ("tracking", "base_url", "http://localhost:80x/1.0/", "is not a valid URL"),
+    ],
+)
+def test_a_url_without_a_scheme_or_host_is_refused_naming_the_setting(
+    tmp_path: Path, section: str, setting: str, url: str, problem: str
+) -> None:
+    text = MINIMAL + f'\n[{section}]\n{setting} = "{url}"\n'
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, text), ENV)
+    assert caught.value.setting == f"{section}.{setting}"
+    assert problem in caught.value.problem
+
+
+def test_a_password_written_into_a_url_is_masked_in_the_error(tmp_path: Path) -> None:
+    text = MINIMAL + '\n[tracking]\nbase_url = "ftp://user:hunter2@example.com/"\n'
+    with pytest.raises(ConfigError) as caught:
+        load(write(tmp_path, text), ENV)
+    assert "hunter2" not in str(caught.value)
+    assert f"user:{MASK}@example.com" in str(caught.value)
 
 
 @pytest.mark.parametrize(

@@ -532,6 +532,21 @@ def test_schema_not_found_is_not_cached(double: RegistryDouble, fresh_client: Cl
     assert len(double.requests) == 2
 
 
+def test_a_bare_404_from_a_url_that_is_no_registry_is_transient_never_schema_not_found(
+    double: RegistryDouble, http_registry: SchemaRegistryClient
+) -> None:
+    """A wrong path in schema_registry.url answers 404 to every id: dead-lettering would drain the topic."""
+    value = valid_confluent(http_registry)
+    wrong_path = registry_client(double.url + "/not-the-registry", timeout=0.5)
+    try:
+        with pytest.raises(RegistryUnavailable, match="does not point at a Schema Registry API") as caught:
+            build_decoder("confluent-avro", registry=wrong_path).decode(value)
+    finally:
+        wrong_path.close()
+    assert not isinstance(caught.value, PermanentError)
+    assert double.requests[-1][1].startswith("/not-the-registry/schemas/ids/")
+
+
 @pytest.mark.parametrize("status", [500, 502, 503, 504, 429, 401])
 def test_a_registry_answering_an_error_other_than_404_is_transient_and_retried_later(
     double: RegistryDouble, http_registry: SchemaRegistryClient, fresh_client: ClientFactory, status: int
