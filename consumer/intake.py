@@ -48,8 +48,10 @@ POLL_TIMEOUT_S = 0.1
 #: How long one end-offset query for a paused partition may take (once per statistics interval).
 LAG_QUERY_TIMEOUT_S = 0.5
 #: A broker connection that received nothing for this long counts as lost, though its socket is open (a
-#: frozen or overloaded broker): a member in a group hears from its coordinator every heartbeat (3 s).
-BROKER_SILENT_S = 10.0
+#: frozen or cut-off broker). A member hears from its coordinator every heartbeat, so the bound is this
+#: many heartbeat intervals, and never under BROKER_SILENT_MIN_S.
+BROKER_SILENT_HEARTBEATS = 2.5
+BROKER_SILENT_MIN_S = 6.0
 #: A consume error (e.g. a topic deleted under the relay) stays a fault this long after it was last seen.
 CONSUME_FAULT_TTL_S = 30.0
 #: The start of each method's ``visitorEvents`` envelope, ``{"view":``: the body and a ``}`` complete it.
@@ -145,6 +147,8 @@ class Intake:
         #: When each partition was assigned (wall clock): how old "never committed" is.
         self.assigned_at: dict[TopicPartition, float] = {}
         self._lag_refresh_due = False
+        heartbeat_s = float(settings.kafka.client.get("heartbeat.interval.ms", 3000)) / 1000
+        self._broker_silent_s = max(BROKER_SILENT_MIN_S, BROKER_SILENT_HEARTBEATS * heartbeat_s)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rr-intake", daemon=True)
         self.consumed = 0
@@ -428,7 +432,7 @@ class Intake:
 
     def _on_stats(self, raw: str) -> None:
         stats = orjson.loads(raw)
-        self._broker_state(_brokers_answering(stats.get("brokers", {})))
+        self._broker_state(_brokers_answering(stats.get("brokers", {}), self._broker_silent_s))
         lag: dict[TopicPartition, int] = {}
         for topic, info in stats.get("topics", {}).items():
             for key, partition in info.get("partitions", {}).items():
@@ -541,22 +545,22 @@ def _names(partitions: list[KafkaTopicPartition]) -> list[str]:
     return [f"{p.topic}[{p.partition}]" for p in partitions]
 
 
-def _brokers_answering(brokers: Mapping[str, Any]) -> str | None:
-    """None when a broker connection is up and heard from recently; else what is wrong with them all.
+def _brokers_answering(brokers: Mapping[str, Any], silent_s: float) -> str | None:
+    """None when a broker connection is up and heard from within ``silent_s``; else what is wrong.
 
-    A socket can stay up to a broker that stopped answering (frozen, partitioned): ``rxidle`` (µs since
-    the last byte received) tells that apart, as a member hears from its coordinator every heartbeat.
+    A socket can stay up to a broker that stopped answering (frozen, cut off): ``rxidle`` (µs since the
+    last byte received) tells that apart. The group coordinator's connection (a logical broker, node id -1)
+    counts: a member hears from it every heartbeat even while every partition is paused.
     """
-    known = [b for b in brokers.values() if b.get("nodeid", -1) >= 0]
-    if not known:
+    if not any(b.get("nodeid", -1) >= 0 for b in brokers.values()):
         return "no broker known yet"
-    up = [b for b in known if b.get("state") == "UP"]
+    up = [b for b in brokers.values() if b.get("state") == "UP"]
     if not up:
-        return "no connection to any broker (" + ", ".join(sorted(str(b.get("state")) for b in known)) + ")"
-    silent_us = min(
-        b["rxidle"] if b.get("rxidle", -1) >= 0 else 0 for b in up
-    )  # -1: nothing received yet on a fresh connection
-    if silent_us > BROKER_SILENT_S * 1_000_000:
+        states = sorted({str(b.get("state")) for b in brokers.values() if b.get("nodeid", -1) >= 0})
+        return f"no connection to any broker (state {', '.join(states)})"
+    # -1: nothing received yet on a connection just made, which counts as fresh.
+    silent_us = min(max(b.get("rxidle", -1), 0) for b in up)
+    if silent_us > silent_s * 1_000_000:
         return f"connected, but no broker has answered for {silent_us / 1_000_000:.0f}s"
     return None
 

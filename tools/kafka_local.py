@@ -256,7 +256,38 @@ def start(data_root: Path | None = None, deadline_s: float = START_DEADLINE_S) -
     )
     if fmt.returncode != 0:
         raise BrokerError(f"formatting the broker's storage failed:\n{_tail(fmt.stdout + fmt.stderr)}")
-    with open(data_dir / "stdout.log", "wb") as out:
+    return _launch(data_dir, f"127.0.0.1:{port}", deadline_s)
+
+
+def restart(broker: Broker, deadline_s: float = START_DEADLINE_S) -> Broker:
+    """Start a broker that was killed (see :func:`kill`) again, on its data directory and ports."""
+    if broker.alive():
+        raise BrokerError(f"the broker at {broker.bootstrap} is still running")
+    return _launch(broker.data_dir, broker.bootstrap, deadline_s)
+
+
+def kill(broker: Broker) -> None:
+    """kill -9 the broker and reap it, keeping its data directory (for :func:`restart`)."""
+    _signal(broker, signal.SIGKILL)
+    if not _wait_exit(broker, STOP_GRACE_S):
+        raise BrokerError(f"the broker at {broker.bootstrap} survived SIGKILL")
+
+
+def freeze(broker: Broker) -> None:
+    """SIGSTOP the broker: its sockets stay open, and nothing answers (:func:`thaw` lets it go on)."""
+    _signal(broker, signal.SIGSTOP)
+
+
+def thaw(broker: Broker) -> None:
+    _signal(broker, signal.SIGCONT)
+
+
+def _launch(data_dir: Path, bootstrap: str, deadline_s: float) -> Broker:
+    """Run the broker of a formatted data directory and return once it is ready."""
+    libs = fetch_jars()
+    config = data_dir / "server.properties"
+    classpath = f"{libs}/*"
+    with open(data_dir / "stdout.log", "ab") as out:
         process = subprocess.Popen(
             [
                 *_java(),
@@ -272,7 +303,7 @@ def start(data_root: Path | None = None, deadline_s: float = START_DEADLINE_S) -
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own process group: stop() signals the JVM, not our shell
         )
-    broker = Broker(bootstrap=f"127.0.0.1:{port}", pid=process.pid, data_dir=data_dir, process=process)
+    broker = Broker(bootstrap=bootstrap, pid=process.pid, data_dir=data_dir, process=process)
     try:
         _wait_ready(broker, process, deadline_s)
     except BaseException:

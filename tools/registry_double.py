@@ -95,6 +95,7 @@ class RegistryDouble:
         self._lock = threading.Lock()
         self._store = _Store()
         self._failure: int | None = None
+        self._no_registry = False
         self._released = threading.Event()
         self._released.set()
         self._requests: list[tuple[str, str]] = []
@@ -138,6 +139,12 @@ class RegistryDouble:
         with self._lock:
             self._failure = status
 
+    def answer_as_no_registry(self, on: bool = True) -> None:
+        """Answer every request with a bare 404 (no registry error code), as a server that is not a Schema
+        Registry does (a wrong path, a proxy without the route), until called with False."""
+        with self._lock:
+            self._no_registry = on
+
     def stall(self) -> None:
         """Hold every request unanswered until :meth:`unstall` (or for a minute at most)."""
         self._released.clear()
@@ -159,6 +166,8 @@ class RegistryDouble:
         with self._lock:
             self._requests.append((method, path))
             failure = self._failure
+            if self._no_registry:
+                return 404, {"error_code": 404, "message": "HTTP 404 Not Found"}
         if not self._released.wait(_STALL_LIMIT_S):
             failure = 503
         if failure is not None:  # the real registry's server errors carry codes 50001-50003
