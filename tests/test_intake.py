@@ -1,0 +1,163 @@
+"""Intake, in-process: every per-record step is total, and the fault board folds what repeats.
+
+A decoder or translator that raises something nobody anticipated must cost that one record (it goes to the
+dead-letter topic with the reason), never the intake thread — whose death would stop the whole relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+from structlog.testing import capture_logs
+
+from consumer.config import Settings, ShopConfig
+from consumer.decode import DomainEvent
+from consumer.errors import DecodeError, TranslateError
+from consumer.faults import REMIND_EVERY_S, FaultBoard
+from consumer.intake import Intake
+from consumer.settle import OffsetLedger
+from consumer.translate import Translator
+
+pytestmark = pytest.mark.unit
+
+VIEW = DomainEvent(
+    "ProductViewed",
+    {"eventId": "e1", "occurredAt": 1_700_000_000_000, "sessionId": "v1", "shopId": "demo", "productId": 7,
+     "groupId": None, "stockId": None},
+)  # fmt: skip
+
+
+class Message:
+    """The parts of ``confluent_kafka.Message`` that intake reads (it cannot be built in Python)."""
+
+    def __init__(self, offset: int, value: bytes) -> None:
+        self._offset, self._value = offset, value
+
+    def error(self) -> None:
+        return None
+
+    def topic(self) -> str:
+        return "events"
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+    def key(self) -> bytes:
+        return b"v1"
+
+    def value(self) -> bytes:
+        return self._value
+
+    def headers(self) -> None:
+        return None
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 1_700_000_000_000)
+
+
+class Decoder:
+    """Decodes b"ok" to a view; anything else raises the kind of error a library bug would."""
+
+    def decode(self, value: bytes | None) -> DomainEvent:
+        if value == b"ok":
+            return VIEW
+        return {}[value]  # type: ignore[index, no-any-return]  # a KeyError no stage anticipated
+
+
+class BrokenTranslator(Translator):
+    def translate_partial(self, event: DomainEvent) -> Any:
+        raise ZeroDivisionError("division by zero")
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def intake(loop: asyncio.AbstractEventLoop, translator: Translator | None = None) -> Intake:
+    settings = Settings(topics=[{"name": "events", "format": "json"}], shops={"demo": {"partner_id": "p"}})
+    shops = {"demo": ShopConfig(partner_id="p", api_key=SecretStr("k"))}
+    return Intake(
+        settings,
+        {"events": Decoder()},  # type: ignore[dict-item]
+        translator or Translator(shops),
+        OffsetLedger(),
+        listener=None,  # type: ignore[arg-type]  # _prepare never calls it
+        loop=loop,
+    )
+
+
+def test_a_decoder_raising_an_unanticipated_error_fails_that_record_only(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    records = intake(loop)._prepare(None, [Message(0, b"ok"), Message(1, b"boom"), Message(2, b"ok")])  # type: ignore[arg-type, list-item]
+    assert [r.offset for r in records] == [0, 1, 2], "every record goes on to settlement"
+    assert [r.failure is None for r in records] == [True, False, True]
+    failure = records[1].failure
+    assert isinstance(failure, DecodeError)
+    assert failure.reason == "unexpected KeyError while decoding the record: b'boom'"
+    assert [len(r.payloads) for r in records] == [1, 0, 1]
+
+
+def test_a_translator_raising_an_unanticipated_error_is_a_translate_stage_dead_letter(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    shops = {"demo": ShopConfig(partner_id="p", api_key=SecretStr("k"))}
+    records = intake(loop, BrokenTranslator(shops))._prepare(None, [Message(0, b"ok")])  # type: ignore[arg-type, list-item]
+    failure = records[0].failure
+    assert isinstance(failure, TranslateError)
+    assert failure.stage == "translate"
+    assert failure.reason == "unexpected ZeroDivisionError while translating the record: division by zero"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_lasting_fault_is_one_line_then_a_reminder_and_one_line_when_it_clears() -> None:
+    clock = Clock()
+    board = FaultBoard(clock)
+    with capture_logs() as logs:
+        for _ in range(50):  # raised on every failed write or poll
+            board.raise_fault("dlq:x", "topic x cannot be written", event="fault.up", topic="t")
+            clock.now += 0.1
+        clock.now += REMIND_EVERY_S
+        board.raise_fault("dlq:x", "topic x cannot be written", event="fault.up", topic="t")
+        assert board.current() == ["topic x cannot be written"]
+        board.clear("dlq:x", event="fault.down")
+        board.clear("dlq:x", event="fault.down")  # clearing what is not raised says nothing
+    assert [(line["event"], line.get("lasting_s")) for line in logs] == [
+        ("fault.up", 0),
+        ("fault.up", round(50 * 0.1 + REMIND_EVERY_S)),
+        ("fault.down", None),
+    ]
+    assert logs[0]["log_level"] == "error"
+    assert logs[0]["topic"] == "t"
+    assert board.current() == []
+
+
+def test_a_fault_with_a_time_to_live_clears_itself_once_it_stops_recurring() -> None:
+    clock = Clock()
+    board = FaultBoard(clock)
+    with capture_logs():
+        board.raise_fault("consume:X", "consuming failed: unknown topic", event="e", ttl_s=30)
+        clock.now += 29
+        assert board.current() == ["consuming failed: unknown topic"]
+        board.raise_fault("consume:X", "consuming failed: unknown topic", event="e", ttl_s=30)
+        clock.now += 29
+        assert board.current() == ["consuming failed: unknown topic"], "raised again: still current"
+        clock.now += 2
+        assert board.current() == []
