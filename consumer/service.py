@@ -286,7 +286,8 @@ class Relay:
         """Partitions with records behind their committed offset that has not moved for ``stall_after_s``.
 
         The age runs from the last commit, or from the assignment when the partition was never committed
-        here; a partition with nothing behind its commit is idle, not stalled.
+        here; a partition with nothing behind its commit is idle, not stalled. Read on the health server's
+        thread: each read is one dict look-up or copy, safe under the GIL.
         """
         stall = self.config.settings.observability.stall_after_s
         now = time.time()
@@ -297,7 +298,9 @@ class Relay:
         )
         stalled = []
         for tp, since in list(assigned.items()):
-            behind = lag.get(tp, 0)
+            # Kafka's lag counts from the committed offset (unknown before a first commit); in flight here
+            # are records consumed and not yet settled: either is work that waits.
+            behind = max(lag.get(tp, 0), self.ledger.in_flight_for(tp))
             age = now - max(commits.get(tp, 0.0), since)
             if behind > 0 and age > stall:
                 stalled.append(

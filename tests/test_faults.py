@@ -259,3 +259,28 @@ def test_a_stop_while_the_broker_is_gone_ends_within_its_grace(
         assert relay.terminate(timeout_s=60) == 0
     finally:
         own.stop()
+
+
+def test_readiness_turns_red_while_a_partition_with_a_backlog_has_not_committed_for_stall_after_s(
+    kafka_bootstrap: str,
+    registry: RegistryDouble,
+    emulator: EmulatorThread,
+    relays: Callable[..., RelayProcess],
+    stack: Stack,
+) -> None:
+    """Lag that looks healthy while nothing moves: every call takes longer than the stall bound."""
+    topic = stack.topic("stalled")
+    port = kafka_local.free_port()
+    sections = observed(port, observability={"port": port, "host": "127.0.0.1", "stall_after_s": 1.5})
+    relay = relays(stack.config([topic], sections=sections))
+    wait_for(lambda: probe(port)[0] == 200, deadline_s=60, what="ready")
+    emulator.set_faults(Faults(latency_ms=6000))  # slow, not failing: no breaker, no retry
+    traffic = generate(20, registry=registry_client(registry.url), seed=12, shops=("demo",))
+    produce(kafka_bootstrap, topic, traffic.records)
+    problems = wait_for(
+        red_with(port, f"partition {topic}[0] has not committed for"), deadline_s=30, what="red"
+    )
+    assert any("with 20 record(s) behind it" in p for p in problems), problems
+    wait_delivered(emulator, traffic.expected, relays=[relay], deadline_s=60)
+    wait_for(lambda: probe(port)[0] == 200, deadline_s=30, what="ready once the commit moved")
+    assert relay.terminate() == 0

@@ -205,7 +205,9 @@ def test_readiness_turns_red_when_the_broker_goes_away(
         lambda: (r := get(port, "/readyz"))[0] == 503 and r, deadline_s=60, what="not ready without a broker"
     )
     problems = json.loads(body)["problems"]
-    assert any(p.startswith("no Kafka broker reachable (kafka.bootstrap_servers = ") for p in problems), problems
+    assert any(p.startswith("no Kafka broker reachable (kafka.bootstrap_servers = ") for p in problems), (
+        problems
+    )
     assert get(port, "/healthz")[0] == 200, "the process itself is fine"
     relay.terminate(90)
 
