@@ -432,7 +432,9 @@ class Intake:
 
     def _on_stats(self, raw: str) -> None:
         stats = orjson.loads(raw)
-        self._broker_state(_brokers_answering(stats.get("brokers", {}), self._broker_silent_s))
+        brokers = stats.get("brokers", {})
+        if any(b.get("nodeid", -1) >= 0 for b in brokers.values()):  # else too early to tell: no metadata yet
+            self._broker_state(_brokers_answering(brokers, self._broker_silent_s))
         lag: dict[TopicPartition, int] = {}
         for topic, info in stats.get("topics", {}).items():
             for key, partition in info.get("partitions", {}).items():
@@ -552,8 +554,6 @@ def _brokers_answering(brokers: Mapping[str, Any], silent_s: float) -> str | Non
     last byte received) tells that apart. The group coordinator's connection (a logical broker, node id -1)
     counts: a member hears from it every heartbeat even while every partition is paused.
     """
-    if not any(b.get("nodeid", -1) >= 0 for b in brokers.values()):
-        return "no broker known yet"
     up = [b for b in brokers.values() if b.get("state") == "UP"]
     if not up:
         states = sorted({str(b.get("state")) for b in brokers.values() if b.get("nodeid", -1) >= 0})

@@ -18,7 +18,7 @@ from consumer.config import Settings, ShopConfig
 from consumer.decode import DomainEvent
 from consumer.errors import DecodeError, TranslateError
 from consumer.faults import REMIND_EVERY_S, FaultBoard
-from consumer.intake import Intake
+from consumer.intake import Intake, _brokers_answering
 from consumer.settle import OffsetLedger
 from consumer.translate import Translator
 
@@ -161,3 +161,29 @@ def test_a_fault_with_a_time_to_live_clears_itself_once_it_stops_recurring() -> 
         assert board.current() == ["consuming failed: unknown topic"], "raised again: still current"
         clock.now += 2
         assert board.current() == []
+
+
+def broker(nodeid: int, state: str, rxidle_s: float) -> dict[str, Any]:
+    return {"nodeid": nodeid, "state": state, "rxidle": int(rxidle_s * 1_000_000)}
+
+
+@pytest.mark.parametrize(
+    ("brokers", "verdict"),
+    [
+        ({"b/1": broker(1, "UP", 0.5), "GroupCoordinator": broker(-1, "UP", 2)}, None),
+        # Every partition paused: the broker itself is idle, the coordinator still answers heartbeats.
+        ({"b/1": broker(1, "UP", 40), "GroupCoordinator": broker(-1, "UP", 2)}, None),
+        ({"b/1": broker(1, "UP", -0.000001)}, None),  # a fresh connection that received nothing yet
+        ({"b/1": broker(1, "CONNECT", 1), "b/2": broker(2, "DOWN", 1)}, "no connection to any broker (state"),
+        # Frozen: the sockets are up and nothing comes back.
+        (
+            {"b/1": broker(1, "UP", 12), "GroupCoordinator": broker(-1, "UP", 11)},
+            "no broker has answered for 11s",
+        ),
+    ],
+)
+def test_a_broker_counts_as_answering_only_when_a_connection_is_up_and_heard_from(
+    brokers: dict[str, Any], verdict: str | None
+) -> None:
+    found = _brokers_answering(brokers, silent_s=6)
+    assert (found is None) if verdict is None else (found is not None and verdict in found), found
