@@ -284,3 +284,26 @@ def test_readiness_turns_red_while_a_partition_with_a_backlog_has_not_committed_
     wait_delivered(emulator, traffic.expected, relays=[relay], deadline_s=60)
     wait_for(lambda: probe(port)[0] == 200, deadline_s=30, what="ready once the commit moved")
     assert relay.terminate() == 0
+
+
+def test_a_topic_deleted_under_the_relay_is_one_line_and_red_readiness_not_a_line_per_poll(
+    kafka_bootstrap: str,
+    topics: Topics,
+    registry: RegistryDouble,
+    emulator: EmulatorThread,
+    relays: Callable[..., RelayProcess],
+    stack: Stack,
+) -> None:
+    topic = stack.topic("deleted")
+    port = kafka_local.free_port()
+    relay = relays(stack.config([topic], sections=observed(port)))
+    wait_for(lambda: probe(port)[0] == 200, deadline_s=60, what="ready")
+    for future in topics.admin.delete_topics([topic], operation_timeout=30).values():
+        future.result(timeout=30)
+    problems = wait_for(lambda: probe(port)[0] == 503 and probe(port)[1], deadline_s=60, what="red")
+    time.sleep(3)  # let the errors repeat: on every poll, as they did (noqa: sleep-ok)
+    assert relay.running()
+    lines = relay.log_events("intake.consume_error")
+    assert len(lines) <= 1, lines
+    assert probe(port)[0] == 503, problems
+    assert relay.terminate() == 0
