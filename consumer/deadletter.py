@@ -138,6 +138,7 @@ class DeadLetterWriter:
         self._on_written = on_written
         self._on_failed = on_failed
         self._running = True
+        self._closed = False
         # Delivery reports arrive only through poll(): this thread keeps polling.
         self._poller = threading.Thread(target=self._poll, name="rr-dlq-poller", daemon=True)
         self._poller.start()
@@ -171,6 +172,8 @@ class DeadLetterWriter:
 
     def _report(self, record: Record, error: KafkaError | None) -> None:
         # Runs on the poller thread: hand the outcome to the loop, where the ledger lives.
+        if self._closed:
+            return  # purged at close: the record stays unsettled, so uncommitted, and nothing retries it
         if error is None:
             self._loop.call_soon_threadsafe(self._written, record)
         else:
@@ -185,8 +188,19 @@ class DeadLetterWriter:
             self._producer.poll(0.1)
 
     def close(self, timeout_s: float = 10.0) -> int:
-        """Flush what is queued; return how many writes were still unconfirmed."""
+        """Flush what is queued for up to ``timeout_s``, then destroy the producer; return how many writes
+        were still unconfirmed (purged: their records were never settled, so never committed).
+
+        The producer is destroyed here, never by the garbage collector: destroying a client whose broker is
+        gone, from inside a collection, can deadlock the process. Purging first keeps the destroy from
+        waiting on writes that cannot complete.
+        """
         remaining: int = self._producer.flush(timeout_s)
         self._running = False
         self._poller.join(timeout=1.0)
+        self._closed = True
+        if remaining:
+            self._producer.purge()
+            self._producer.flush(0)  # serves the purged writes' reports (ignored now) without waiting
+        self._producer.close()
         return remaining

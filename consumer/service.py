@@ -63,6 +63,8 @@ PROGRESS_EVERY_S: Final = 5.0
 HEARTBEAT_EVERY_S: Final = 1.0
 #: /healthz turns red when the loop has not ticked for this long (a tick is due every second).
 HEARTBEAT_STALE_S: Final = 10.0
+#: How long closing the Kafka consumer (final commit, leaving the group) may take at shutdown.
+CLOSE_TIMEOUT_S: Final = 15.0
 
 
 def build_decoders(config: RelayConfig) -> dict[str, Decoder]:
@@ -143,6 +145,7 @@ class Relay:
         self._halt_reason: str | None = None
         self._intake_error: BaseException | None = None
         self._intake_stopped: asyncio.Future[None] | None = None
+        self._close_timed_out = False
         self.delivered = 0
         self.dead_lettered = 0
         self.metrics = RelayMetrics()
@@ -351,7 +354,18 @@ class Relay:
             )
         self.intake.close()
         assert self._intake_stopped is not None
-        await self._intake_stopped
+        try:
+            # Closing commits and leaves the group: with the broker gone, librdkafka may wait on it for
+            # minutes. A stop must end: past the bound the process exits without the final commit (what it
+            # did not commit is sent again by the next owner: duplicates, never loss).
+            await asyncio.wait_for(asyncio.shield(self._intake_stopped), CLOSE_TIMEOUT_S)
+        except TimeoutError:
+            self._close_timed_out = True
+            log.error(
+                "relay.kafka_close_timed_out",
+                timeout_s=CLOSE_TIMEOUT_S,
+                reason="the Kafka consumer did not close (broker unreachable?): its final commit may be lost",
+            )
         log.info(
             "relay.stopped",
             delivered=self.delivered,
@@ -371,7 +385,7 @@ class Relay:
         if self._intake_error is not None:
             log.error("relay.failed", error=str(self._intake_error))
             return EXIT_FAILED
-        return EXIT_OK
+        return EXIT_FAILED if self._close_timed_out else EXIT_OK
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):

@@ -218,12 +218,18 @@ class Topics:
     created: list[str] = field(default_factory=list)
 
     def create(self, purpose: str, partitions: int) -> str:
+        """A fresh topic and its dead-letter topic (the relay refuses to start without one)."""
         name = f"{TOPIC_PREFIX}{purpose}-{uuid.uuid4().hex[:8]}"
         futures = self.admin.create_topics(
-            [NewTopic(name, num_partitions=partitions, replication_factor=1)], operation_timeout=30
+            [
+                NewTopic(name, num_partitions=partitions, replication_factor=1),
+                NewTopic(f"{name}.dlq", num_partitions=1, replication_factor=1),
+            ],
+            operation_timeout=30,
         )
-        futures[name].result(timeout=30)
-        self.created.append(name)
+        for future in futures.values():
+            future.result(timeout=30)
+        self.created += [name, f"{name}.dlq"]
         deadline = time.monotonic() + START_DEADLINE_S
         while not self._leaders_known(name, partitions):
             if time.monotonic() > deadline:
