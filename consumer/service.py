@@ -110,7 +110,7 @@ class Relay:
         self.config = config
         self.redrive = redrive
         settings = config.settings
-        self.ledger = OffsetLedger()
+        self.ledger = OffsetLedger(on_settled=redrive.plan.settled if redrive is not None else None)
         self.guard = DeadLetterGuard(settings.dead_letter)
         self._dlq_topics: Mapping[str, str] = {t.name: t.dlq for t in settings.topics}
         self._suspects: dict[str, list[Record]] = {}
