@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from consumer.record import Record, TopicPartition
 
@@ -104,6 +104,22 @@ class OffsetLedger:
 
     def assigned(self) -> list[TopicPartition]:
         return list(self._partitions)
+
+    def tracked_up_to(self, ends: Mapping[TopicPartition, int]) -> bool:
+        """Whether every record of each partition before its end in ``ends`` was tracked (none to come)."""
+        for tp, end in ends.items():
+            ledger = self._partitions.get(tp)
+            if ledger is None:
+                return False
+            if ledger.pending:
+                last = ledger.pending[-1]  # settled records stay in pending until those before them settle
+            elif ledger.last_settled is not None:
+                last = ledger.last_settled
+            else:
+                return False
+            if last + 1 < end:
+                return False
+        return True
 
     # --- the flow ---------------------------------------------------------------------------------------
 

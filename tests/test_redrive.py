@@ -333,3 +333,22 @@ def test_a_failed_run_never_prints_a_success_line() -> None:
     )
     assert "re-drive failed" in out.getvalue()
     assert "1 outcome(s) could not be written to x" in out.getvalue()
+
+
+def test_the_ledger_says_when_every_record_up_to_the_end_was_tracked() -> None:
+    from consumer.settle import OffsetLedger
+
+    settled: list[int] = []
+    ledger = OffsetLedger(on_settled=lambda r: settled.append(r.offset))
+    ledger.assign((DLQ, 0), 1)
+    records = [record(offset)[0] for offset in (5, 6, 7)]
+    assert not ledger.tracked_up_to({(DLQ, 0): 8})
+    ledger.track(records[:2])
+    assert not ledger.tracked_up_to({(DLQ, 0): 8})
+    ledger.track(records[2:])
+    assert ledger.tracked_up_to({(DLQ, 0): 8})
+    ledger.settle(records[1])  # out of order: 5 is still in flight (a suspect, say)
+    ledger.settle(records[2])
+    assert ledger.tracked_up_to({(DLQ, 0): 8})
+    assert settled == [6, 7]
+    assert not ledger.tracked_up_to({(DLQ, 0): 8, (DLQ, 1): 1}), "a partition not assigned is not read"
