@@ -426,3 +426,41 @@ def test_a_redrive_while_the_key_is_still_wrong_stops_and_leaves_the_records_pen
     assert fixed.returncode == 0, fixed.stderr[-3000:]
     assert "re-driven 3 (delivered 3, dead-lettered again 0)" in fixed.stderr
     assert sorted(body["productId"] for _, body in calls_at(emulator)) == [700, 701, 702]
+
+
+def test_inspect_prints_record_data_as_it_is_never_as_markup(stack: Stack) -> None:
+    topic = stack.topic("markup", partitions=1)
+    dlq = f"{topic}.dlq"
+    encode = build_encoder("json").encode
+    fields = event("ProductViewed", productId=1, groupId=None, shopId="[/x]")
+    produce_with_headers(
+        stack.bootstrap,
+        dlq,
+        [
+            # What the relay writes for an event whose shopId is "[/x]".
+            (
+                b"k",
+                encode("ProductViewed", fields),
+                dead_letter(
+                    topic,
+                    0,
+                    stage="translate",
+                    status=None,
+                    message="shop '[/x]' is not configured and there is no default shop",
+                    method="[abc]",
+                    delivered=None,
+                    calls_failed=None,
+                ),
+            ),
+            (
+                b"k",
+                encode("ProductViewed", fields),
+                dead_letter(topic, 1, message="[bold]loud[/bold] :thumbs_up:"),
+            ),
+        ],
+    )
+    config = stack.config([topic], fmt="json")
+    shown = rr("dlq", "inspect", "--config", str(config), keys=False, columns=400)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    for text in ("shop '[/x]' is not configured", "[abc]", "[bold]loud[/bold] :thumbs_up:"):
+        assert text in shown.stdout, text
