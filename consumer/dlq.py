@@ -321,21 +321,21 @@ def redrive_config(config: RelayConfig, topics: Sequence[str]) -> RelayConfig:
     return config.model_copy(update={"settings": redrive_settings})
 
 
-def pending(
-    config: RelayConfig, topics: Sequence[str], resolved: Mapping[TopicPartition, Collection[int]]
-) -> dict[TopicPartition, tuple[int, int]]:
-    """Per partition with work to do: (its first record not re-driven yet, its end now)."""
+def dead_letter_ends(settings: Settings, topics: Sequence[str]) -> dict[TopicPartition, tuple[int, int]]:
+    """(first offset held, end) of every partition of ``topics``; ConfigError naming a missing topic."""
     consumer = Consumer(
-        {
-            **kafka_client_config(config.settings),
-            "group.id": config.settings.kafka.group_id,
-            "enable.auto.commit": False,
-        }
+        {**kafka_client_config(settings), "group.id": settings.kafka.group_id, "enable.auto.commit": False}
     )
     try:
-        ends = _end_offsets(consumer, topics)
+        return _end_offsets(consumer, topics)
     finally:
         consumer.close()
+
+
+def pending(
+    ends: Mapping[TopicPartition, tuple[int, int]], resolved: Mapping[TopicPartition, Collection[int]]
+) -> dict[TopicPartition, tuple[int, int]]:
+    """Per partition with work to do: (its first record not re-driven yet, its end)."""
     work = {}
     for tp, (low, high) in ends.items():
         done = resolved.get(tp, ())
@@ -375,9 +375,10 @@ def run_redrive(
     decoders = build_decoders(config)  # of the original topics, before the configuration is turned
     client = kafka_client_config(config.settings)
     turned = redrive_config(config, topics)
+    ends = dead_letter_ends(turned.settings, topics)  # first: a missing topic gets no log created
     resolution.ensure_logs(client, topics)
-    resolved = {} if from_beginning else resolution.read(client, topics).resolved()
-    work = pending(turned, topics, resolved)
+    resolved = {} if from_beginning else resolution.read(client, topics, outcomes=False).resolved
+    work = pending(ends, resolved)
     if not work:
         console.print(
             Text(
@@ -403,18 +404,27 @@ def run_redrive(
                 stop_at={tp: end for tp, (_, end) in work.items()},
                 on_progress=lambda done: progress.update(task, completed=max(0, done - starts)),
             )
-            status = asyncio.run(Relay(turned, redrive=redrive).run())
+            relay = Relay(turned, redrive=redrive)
+            status = asyncio.run(relay.run())
     finally:
         unrecorded = writer.close()
-    report(
-        plan, console, status=status, unrecorded=unrecorded, logs=[resolution.log_topic(t) for t in topics]
-    )
-    return status if status != 0 else (1 if unrecorded else 0)
+    complete = all(relay.ledger.reached.get(tp, 0) >= end for tp, (_, end) in work.items())
+    logs = [resolution.log_topic(t) for t in topics]
+    report(plan, console, status=status, unrecorded=unrecorded, logs=logs, complete=complete)
+    return status if status != 0 else (0 if complete and not unrecorded else 1)
 
 
-def report(plan: RedrivePlan, console: Console, *, status: int, unrecorded: int, logs: Iterable[str]) -> None:
+def report(
+    plan: RedrivePlan,
+    console: Console,
+    *,
+    status: int,
+    unrecorded: int,
+    logs: Iterable[str],
+    complete: bool = True,
+) -> None:
     """One line per record passed over as unredrivable or dead-lettered again, then the summary: a success
-    line only when the run reached its end and every outcome was recorded."""
+    line only when the run reached its end (``complete``) and every outcome was recorded."""
     for coordinates, reason in plan.unredrivable_reasons:
         console.print(Text(f"skipped {where(coordinates)}: cannot be re-driven: {reason}"))
     more = plan.unredrivable - len(plan.unredrivable_reasons)
@@ -426,11 +436,15 @@ def report(plan: RedrivePlan, console: Console, *, status: int, unrecorded: int,
     if more > 0:
         console.print(Text(f"... and {more} more dead-lettered again (dlq inspect lists them)"))
     done = f"delivered {plan.delivered}, dead-lettered again {plan.dead_lettered}"
-    if status != 0 or unrecorded:
+    if status != 0 or unrecorded or not complete:
         problems = []
-        if status != 0:
-            stopped = f" at {where(plan.current)}" if plan.current is not None else ""
-            problems.append(f"the relay stopped with exit status {status}{stopped} (its log line says why)")
+        if status == 0 and not complete:
+            problems.append("it was stopped before the end")
+        if status == 3:
+            problems.append("it halted (exit status 3; the log line above says why)")
+        elif status != 0:
+            last = f", the last record read {where(plan.current)}" if plan.current is not None else ""
+            problems.append(f"it stopped with exit status {status}{last} (the log line above says why)")
         if unrecorded:
             problems.append(
                 f"{unrecorded} outcome(s) could not be written to {', '.join(logs)}: "

@@ -324,7 +324,7 @@ def test_a_failed_run_never_prints_a_success_line() -> None:
     report(plan, Console(file=out, width=300), status=1, unrecorded=0, logs=[f"{DLQ}.resolved"])
     text = out.getvalue()
     assert "re-drive failed" in text
-    assert f"at {DLQ}[0]@9" in text
+    assert f"the last record read {DLQ}[0]@9" in text
     assert "2 unfinished" in text
     assert "re-driven 5 (" not in text
     out = io.StringIO()
@@ -352,3 +352,12 @@ def test_the_ledger_says_when_every_record_up_to_the_end_was_tracked() -> None:
     assert ledger.tracked_up_to({(DLQ, 0): 8})
     assert settled == [6, 7]
     assert not ledger.tracked_up_to({(DLQ, 0): 8, (DLQ, 1): 1}), "a partition not assigned is not read"
+
+
+def test_a_run_stopped_before_the_end_is_not_a_success() -> None:
+    out = io.StringIO()
+    plan = RedrivePlan(redriven=3, delivered=1)
+    report(plan, Console(file=out, width=300), status=0, unrecorded=0, logs=["x"], complete=False)
+    assert "re-drive failed: it was stopped before the end" in out.getvalue()
+    assert "2 unfinished" in out.getvalue()
+    assert "re-driven 3 (" not in out.getvalue()
