@@ -15,13 +15,14 @@ could not re-drive or that failed again, then a summary.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import orjson
-from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, Message
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, KafkaException, Message
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 from confluent_kafka.admin import AdminClient
 from rich.console import Console
@@ -149,8 +150,8 @@ def read_dead_letters(
 def _end_offsets(consumer: Consumer, topics: Sequence[str]) -> dict[TopicPartition, tuple[int, int]]:
     try:
         return resolution.end_offsets(consumer, topics)
-    except KafkaException as error:
-        raise ConfigError("--topic", f"dead-letter {error.args[0]}") from None
+    except resolution.MissingTopic as missing:
+        raise ConfigError("--topic", f"dead-letter topic {missing.args[0]!r} does not exist") from None
 
 
 def state_of(
@@ -347,26 +348,66 @@ def pending(
     return work
 
 
-def rewind(config: RelayConfig, work: Mapping[TopicPartition, tuple[int, int]]) -> None:
-    """Move the re-drive group to where the work starts; refused while the group has members."""
-    group = config.settings.kafka.group_id
+#: Answers to moving a group's offsets that mean "it has members" (or is busy): wait and try again.
+_GROUP_BUSY = frozenset(
+    {
+        KafkaError.UNKNOWN_MEMBER_ID,
+        KafkaError.GROUP_SUBSCRIBED_TO_TOPIC,
+        KafkaError.REBALANCE_IN_PROGRESS,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.NOT_COORDINATOR,
+    }
+)
+REWIND_RETRY_S = 1.0
+
+
+def rewind(
+    config: RelayConfig, work: Mapping[TopicPartition, tuple[int, int]], console: Console | None = None
+) -> None:
+    """Move the re-drive group to where the work starts. While the group has members — another re-drive,
+    or the member of a killed one until its session times out — wait for them to leave, up to a session
+    timeout; then fail."""
+    kafka = config.settings.kafka
+    group = kafka.group_id
+    session_s = float(kafka.client.get("session.timeout.ms", 45_000)) / 1000
+    deadline = time.monotonic() + session_s + 5.0
     admin = AdminClient(kafka_client_config(config.settings))
     partitions = [KafkaTopicPartition(t, p, start) for (t, p), (start, _) in work.items()]
+    said = False
     try:
-        for future in admin.alter_consumer_group_offsets(
-            [ConsumerGroupTopicPartitions(group, partitions)]
-        ).values():
-            result = future.result(timeout=READ_TIMEOUT_S)
-            for partition in result.topic_partitions or ():
-                if partition.error is not None:
-                    raise KafkaException(partition.error)
-    except KafkaException as error:
-        raise KafkaException(
-            f"cannot move the re-drive group {group} to the first records to re-drive "
-            f"(is another re-drive running?): {error}"
-        ) from None
+        while True:
+            try:
+                _alter(admin, group, partitions)
+                return
+            except KafkaException as error:
+                inner = error.args[0] if error.args else None
+                busy = isinstance(inner, KafkaError) and inner.code() in _GROUP_BUSY
+                if not busy or time.monotonic() > deadline:
+                    raise KafkaException(
+                        f"cannot move the re-drive group {group} to the first records to re-drive "
+                        f"(is another re-drive running?): {error}"
+                    ) from None
+            if not said and console is not None:
+                console.print(
+                    Text(
+                        f"waiting up to {session_s:.0f}s for the members of {group} to leave (another "
+                        "re-drive, or the member of one that was killed, until its session times out)"
+                    )
+                )
+                said = True
+            time.sleep(REWIND_RETRY_S)
     finally:
         del admin
+
+
+def _alter(admin: AdminClient, group: str, partitions: list[KafkaTopicPartition]) -> None:
+    for future in admin.alter_consumer_group_offsets(
+        [ConsumerGroupTopicPartitions(group, partitions)]
+    ).values():
+        result = future.result(timeout=READ_TIMEOUT_S)
+        for partition in result.topic_partitions or ():
+            if partition.error is not None:
+                raise KafkaException(partition.error)
 
 
 def run_redrive(
@@ -387,7 +428,7 @@ def run_redrive(
             )
         )
         return 0
-    rewind(turned, work)
+    rewind(turned, work, console)
     plan.sources = frozenset(decoders)
     plan.resolved = resolved
     writer = resolution.Writer(client)

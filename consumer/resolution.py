@@ -140,14 +140,18 @@ def read(
     return found
 
 
+class MissingTopic(LookupError):
+    """A topic that should be there is not (its name is the message)."""
+
+
 def end_offsets(consumer: Consumer, topics: Iterable[str]) -> dict[TopicPartition, tuple[int, int]]:
-    """(low, high) watermarks of every partition of ``topics``; KafkaException if a topic is missing."""
+    """(low, high) watermarks of every partition of ``topics``; MissingTopic if a topic is missing."""
     metadata = consumer.list_topics(timeout=TIMEOUT_S)
     ends: dict[TopicPartition, tuple[int, int]] = {}
     for topic in topics:
         info = metadata.topics.get(topic)
         if info is None or info.error is not None:
-            raise KafkaException(f"topic {topic!r} does not exist")
+            raise MissingTopic(topic)
         for partition in info.partitions:
             low, high = consumer.get_watermark_offsets(
                 KafkaTopicPartition(topic, partition), timeout=TIMEOUT_S

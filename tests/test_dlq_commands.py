@@ -12,11 +12,12 @@ from typing import Any
 
 import orjson
 
+from consumer import resolution
 from consumer.decode import DomainEvent, registry_client
 from consumer.emulator import EmulatorShop, EmulatorThread, Faults
 from consumer.sample import build_encoder
 from consumer.translate import Translator
-from tests.kafka import Topics, end_offsets, produce, produce_with_headers, unique_name
+from tests.kafka import Topics, end_offsets, produce, produce_with_headers, unique_name, wait_for
 from tests.relay import (
     ROOT,
     SHOPS,
@@ -464,3 +465,53 @@ def test_inspect_prints_record_data_as_it_is_never_as_markup(stack: Stack) -> No
     assert shown.returncode == 0, shown.stderr[-2000:]
     for text in ("shop '[/x]' is not configured", "[abc]", "[bold]loud[/bold] :thumbs_up:"):
         assert text in shown.stdout, text
+
+
+def test_a_redrive_killed_midway_loses_nothing_and_the_next_run_finishes_it(
+    stack: Stack, emulator: EmulatorThread
+) -> None:
+    """At-least-once: what a killed run delivered but did not record goes again; nothing is skipped."""
+    topic = stack.topic("killed", partitions=1)
+    dlq = f"{topic}.dlq"
+    stack.topics.created.append(f"{dlq}.resolved")
+    encode = build_encoder("json").encode
+    count = 150
+    views = [
+        event("ProductViewed", productId=2000 + i, groupId=None, sessionId=f"k{i}") for i in range(count)
+    ]
+    produce_with_headers(
+        stack.bootstrap,
+        dlq,
+        [
+            (b"k", encode("ProductViewed", f), dead_letter(topic, i, status="400"))
+            for i, f in enumerate(views)
+        ],
+    )
+    config = stack.config(
+        [topic], fmt="json", sections={"delivery": {"mode": "single"}, "tracking": {"concurrency": 2}}
+    )
+    emulator.set_faults(Faults(latency_ms=20))
+    env = relay_env()
+    env.pop("COLUMNS", None)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "consumer", "dlq", "redrive", "--config", str(config)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: emulator.counters["events_accepted"] >= 30, what="the re-drive under way")
+    finally:
+        run.kill()  # kill -9, midway
+        run.wait(30)
+    assert emulator.counters["events_accepted"] < count, "killed before the end"
+
+    emulator.set_faults(Faults())
+    finished = rr("dlq", "redrive", "--config", str(config))
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    got = Counter(body["productId"] for _, body in calls_at(emulator))
+    assert set(got) == {2000 + i for i in range(count)}, "every call arrived"
+    # ... and every record has its outcome recorded: the next run has nothing to do.
+    recorded = resolution.read({"bootstrap.servers": stack.bootstrap}, [dlq], outcomes=False).resolved
+    assert recorded == {(dlq, 0): set(range(count))}

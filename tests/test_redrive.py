@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from datetime import UTC, datetime
+from pathlib import Path
 
 import orjson
 import pytest
@@ -14,6 +15,7 @@ from consumer.dlq import DeadLetter, Found, render, report
 from consumer.errors import DecodeError
 from consumer.record import CallFailure, Record
 from consumer.redrive import Outcome, RedriveFilter, RedrivePlan, parse_origin
+from tests.relay import SHOPS, write_config
 
 DLQ = "shop.events.dlq"
 SOURCE = "shop.events"
@@ -361,3 +363,22 @@ def test_a_run_stopped_before_the_end_is_not_a_success() -> None:
     assert "re-drive failed: it was stopped before the end" in out.getvalue()
     assert "2 unfinished" in out.getvalue()
     assert "re-driven 3 (" not in out.getvalue()
+
+
+def test_a_redrive_of_a_source_topic_not_configured_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(
+        tmp_path / "relay.toml",
+        bootstrap="127.0.0.1:9",
+        topics=[SOURCE],
+        group="g",
+        emulator_url="http://127.0.0.1:9/1.0/",
+        registry_url="http://127.0.0.1:9",
+    )
+    for shop, (_, key) in SHOPS.items():
+        monkeypatch.setenv(f"RR_API_KEY_{shop.upper()}", key)
+    assert cli.main(["dlq", "redrive", "--config", str(config), "--source-topic", "orders.legacy"]) == 2
+    err = capsys.readouterr().err
+    assert "--source-topic 'orders.legacy' is not a topic of this configuration" in err
+    assert all(key not in err for _, key in SHOPS.values())
