@@ -275,11 +275,7 @@ def _calls(letter: DeadLetter) -> str:
             failed = orjson.loads(failed_text)
             items = [
                 f"#{f.get('index')} {f.get('method')}"
-                + (
-                    f" HTTP {f['status']}"
-                    if f.get("status") is not None
-                    else f" {f.get('stage', 'contract')}"
-                )
+                + (f" HTTP {f['status']}" if f.get("status") is not None else " contract")
                 for f in failed
             ]
             parts.append("failed " + ", ".join(items))
