@@ -7,6 +7,7 @@ modules are imported inside the handlers so ``--help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -342,22 +343,40 @@ def _add_dlq(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     inspect = actions.add_parser(
         "inspect",
-        help="a table of dead-lettered records",
+        help="a table of dead-lettered records and the state of each",
+        description="One row per dead-lettered record: source, stage, status, method, reason, the calls\n"
+        "that failed and were delivered, age, and state: pending, re-driven (when, delivered or\n"
+        "dead-lettered again), or why it cannot be re-driven. A copy that a re-drive dead-lettered\n"
+        "again is shown under the record it came from. Reads Kafka only: needs no API key.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  rr-consumer dlq inspect --config relay.toml\n"
+        "  rr-consumer dlq inspect --config relay.toml --state pending\n"
         "  rr-consumer dlq inspect --config relay.toml --stage deliver --status 401 \\\n"
         "      --since 2026-11-30T00:00:00Z",
     )
     redrive = actions.add_parser(
         "redrive",
         help="send dead-lettered records through the pipeline again",
-        description="Re-process dead-lettered records after the cause is fixed. Only the calls that failed "
-        "are sent (an order's delivered items are not sent again). The re-drive has its own consumer group "
-        "(<group_id>.redrive): stop it any time and run it again to resume. A record that fails again is "
-        "dead-lettered with rr.dlq.redrive.count one higher; past --max-redrives it is left alone.",
+        description="Re-process dead-lettered records after the cause is fixed. Only the calls that failed\n"
+        "are sent (an order's delivered items are not sent again). Every record read gets one\n"
+        "outcome: re-driven (delivered, or dead-lettered again to the same topic with\n"
+        "rr.dlq.redrive.count one higher), or passed over: by the filters, by the loop guard\n"
+        "(--max-redrives), as re-driven before, or as one that cannot be re-driven (a malformed\n"
+        "rr.dlq header, a source topic not in the configuration: one line each, with its\n"
+        "coordinates).\n\n"
+        "What a run records: the outcome of each record it re-drove, in <dead-letter topic>.resolved\n"
+        "(created on first use), and nothing else. A record the filters or the loop guard passed\n"
+        "over, or that cannot be re-driven, stays pending: a later run with other filters (or none)\n"
+        "takes it. Each run starts at the first record not re-driven yet and ends at the topic's end\n"
+        "as of its start; stop it any time and run it again to resume (at-least-once: a record\n"
+        "re-driven but not yet recorded is re-driven again). It runs in the consumer group\n"
+        "<group_id>.redrive and is refused while another re-drive is running.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  rr-consumer dlq redrive --config relay.toml --status 401\n"
-        "  rr-consumer dlq redrive --config relay.toml --stage deliver --since 2026-11-30T09:00:00Z",
+        "  rr-consumer dlq redrive --config relay.toml --stage deliver --since 2026-11-30T09:00:00Z\n\n"
+        "exit status: 0 when the run reached the end (records that cannot be re-driven are listed,\n"
+        "not fatal), 1 when it failed, 2 on bad arguments or configuration, 3 when the dead-letter\n"
+        "guard halted it",
     )
     for sub in (inspect, redrive):
         sub.add_argument("--config", type=Path, metavar="FILE", required=True)
@@ -365,18 +384,37 @@ def _add_dlq(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
             "--topic", action="append", default=[], help="dead-letter topic (default: all of them)"
         )
         sub.add_argument("--stage", action="append", default=[], choices=("decode", "translate", "deliver"))
-        sub.add_argument("--status", action="append", default=[], help="HTTP status of the failed call")
+        sub.add_argument(
+            "--status",
+            action="append",
+            default=[],
+            type=_http_status,
+            metavar="HTTP_STATUS",
+            help="HTTP status of the failed call, 100-599 (repeatable)",
+        )
         sub.add_argument("--source-topic", action="append", default=[], help="the topic the record came from")
         sub.add_argument("--since", type=_aware_time, help="last failed at or after this ISO 8601 time")
         sub.add_argument("--until", type=_aware_time, help="last failed before this ISO 8601 time")
     inspect.add_argument(
         "--limit", type=_positive_int, default=100, help="rows to show, newest last (default: %(default)s)"
     )
-    redrive.add_argument("--max-redrives", type=int, default=3, help="loop guard (default: %(default)s)")
+    inspect.add_argument(
+        "--state",
+        action="append",
+        default=[],
+        choices=("pending", "re-driven", "unredrivable"),
+        help="only records in this state (repeatable)",
+    )
+    redrive.add_argument(
+        "--max-redrives",
+        type=_positive_int,
+        default=3,
+        help="loop guard: leave alone a record re-driven this many times (default: %(default)s)",
+    )
     redrive.add_argument(
         "--from-beginning",
         action="store_true",
-        help="start again from the topic's first record (records re-driven before go again)",
+        help="ignore what earlier runs recorded: records re-driven before go again",
     )
 
     def run(args: argparse.Namespace) -> int:
@@ -387,11 +425,23 @@ def _add_dlq(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         from consumer.errors import ConfigError
         from consumer.redrive import RedriveFilter, RedrivePlan
 
+        if args.since is not None and args.until is not None and args.since >= args.until:
+            print(f"rr-consumer: dlq {args.action}: --since must be before --until", file=sys.stderr)
+            return 2
         # Inspecting reads Kafka only: no shop's API key is needed for it, unlike a re-drive.
         loaded = _load_config(config, args.config, secrets=args.action == "redrive")
         if loaded is None:
             return 2
         settings = loaded if args.action == "inspect" else loaded.settings
+        sources = [topic.name for topic in settings.topics]
+        unknown = [name for name in args.source_topic if name not in sources]
+        if args.action == "redrive" and unknown:
+            print(
+                f"rr-consumer: dlq redrive: --source-topic {unknown[0]!r} is not a topic of this "
+                f"configuration ({sources}): its records cannot be re-driven",
+                file=sys.stderr,
+            )
+            return 2
         filters = RedriveFilter(
             stages=args.stage,
             statuses=args.status,
@@ -400,13 +450,20 @@ def _add_dlq(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
             failed_before=args.until,
         )
         stream = sys.stderr if args.action == "redrive" else sys.stdout
-        # Piped into a file or a pager, the table keeps whole rows rather than wrapping at 80 columns.
-        console = Console(file=stream, width=None if stream.isatty() else 220)
+        # Piped into a file or a pager, the table keeps whole rows rather than wrapping at 80 columns
+        # (unless COLUMNS says how wide). Record data is printed as it is: no markup, no emoji codes.
+        console = Console(
+            file=stream,
+            width=None if stream.isatty() or "COLUMNS" in os.environ else 220,
+            markup=False,
+            emoji=False,
+            highlight=False,
+        )
         try:
             topics = dlq.dead_letter_topics(settings, args.topic)
             if args.action == "inspect":
-                found = dlq.read_dead_letters(settings, topics, filters, keep=args.limit)
-                dlq.render(found.letters, console, matched=found.matched)
+                found = dlq.read_dead_letters(settings, topics, filters, keep=args.limit, states=args.state)
+                dlq.render(found, console, sources=sources)
                 return 0
             observability = loaded.settings.observability
             logs.configure(
@@ -425,6 +482,13 @@ def _add_dlq(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
     inspect.set_defaults(handler=run)
     redrive.set_defaults(handler=run)
+
+
+def _http_status(text: str) -> str:
+    """An HTTP status, 100-599, as the text the rr.dlq.http.status header holds."""
+    if not text.isascii() or not text.isdigit() or not 100 <= int(text) <= 599:
+        raise argparse.ArgumentTypeError(f"not an HTTP status (100-599): {text!r}")
+    return str(int(text))
 
 
 def _positive_int(text: str) -> int:

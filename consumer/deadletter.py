@@ -21,6 +21,8 @@ rr.dlq.first.failure           ISO 8601 time of the first failure
 rr.dlq.last.failure            ISO 8601 time of the last failure
 rr.dlq.service.version         the relay's version
 rr.dlq.redrive.count           how many times the record was re-driven (only on a re-driven record)
+rr.dlq.redrive.from.partition  the dead-letter partition and offset of the record it was re-driven
+rr.dlq.redrive.from.offset     from (only on a re-driven record; same dead-letter topic)
 =============================  =====================================================================
 
 The producer is idempotent with ``acks=all``, and a record counts as settled only once its delivery report
@@ -79,7 +81,11 @@ def failure_headers(record: Record, now: float | None = None) -> list[tuple[str,
         (PREFIX + "service.version", __version__.encode()),
     ]
     if record.redrive_count:
+        # A re-drive reads the dead-letter topic and writes a renewed failure back to it: the copy names the
+        # record it came from, so the two are shown together and the original counts as re-driven.
         headers.append((PREFIX + "redrive.count", str(record.redrive_count).encode()))
+        headers.append((PREFIX + "redrive.from.partition", str(record.tp[1]).encode()))
+        headers.append((PREFIX + "redrive.from.offset", str(record.offset).encode()))
     if record.failed_calls:
         first = record.failed_calls[0]
         if first.status is not None:

@@ -131,7 +131,7 @@ class Relay:
         self.config = config
         self.redrive = redrive
         settings = config.settings
-        self.ledger = OffsetLedger()
+        self.ledger = OffsetLedger(on_settled=redrive.plan.settled if redrive is not None else None)
         self.guard = DeadLetterGuard(settings.dead_letter)
         self._dlq_topics: Mapping[str, str] = {t.name: t.dlq for t in settings.topics}
         self._suspects: dict[str, list[Record]] = {}
@@ -315,6 +315,16 @@ class Relay:
     async def _stop_when_caught_up(self, redrive: Redrive) -> None:
         """A re-drive ends at the end offsets it started with: it never chases its own output."""
         while True:
+            # Suspects (401/403) wait for a call of their shop to succeed; with none to come, none will.
+            suspects, ledger = self._suspects, self.ledger
+            if (
+                suspects
+                and ledger.in_flight <= self._suspect_count()
+                and ledger.tracked_up_to(redrive.stop_at)
+            ):
+                shops = ", ".join(map(repr, sorted(suspects)))
+                self._halt(f"shop {shops} still answers HTTP 401/403: fix its key, then re-drive again")
+                return
             reached = self.ledger.reached
             done = sum(min(reached.get(tp, 0), end) for tp, end in redrive.stop_at.items())
             if redrive.on_progress is not None:

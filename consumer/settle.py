@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable, Mapping
 
 from consumer.record import Record, TopicPartition
 
@@ -62,7 +63,9 @@ class PartitionLedger:
 class OffsetLedger:
     """All partitions this process owns, and the positions waiting to be stored for commit."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_settled: Callable[[Record], None] | None = None) -> None:
+        #: Called with each record once it settled (a re-drive records the outcome of each).
+        self._on_settled = on_settled
         self._partitions: dict[TopicPartition, PartitionLedger] = {}
         self._positions: dict[TopicPartition, tuple[int, int]] = {}
         self._lock = threading.Lock()
@@ -102,6 +105,22 @@ class OffsetLedger:
     def assigned(self) -> list[TopicPartition]:
         return list(self._partitions)
 
+    def tracked_up_to(self, ends: Mapping[TopicPartition, int]) -> bool:
+        """Whether every record of each partition before its end in ``ends`` was tracked (none to come)."""
+        for tp, end in ends.items():
+            ledger = self._partitions.get(tp)
+            if ledger is None:
+                return False
+            if ledger.pending:
+                last = ledger.pending[-1]  # settled records stay in pending until those before them settle
+            elif ledger.last_settled is not None:
+                last = ledger.last_settled
+            else:
+                return False
+            if last + 1 < end:
+                return False
+        return True
+
     # --- the flow ---------------------------------------------------------------------------------------
 
     def track(self, records: list[Record]) -> list[Record]:
@@ -123,6 +142,8 @@ class OffsetLedger:
         if ledger is None or ledger.generation != record.generation:
             return False
         self.in_flight -= 1
+        if self._on_settled is not None:
+            self._on_settled(record)
         position = ledger.settle(record.offset)
         if position is not None:
             self.reached[record.tp] = position
@@ -134,6 +155,7 @@ class OffsetLedger:
         """Mark delivered records settled (a batch's worth); return how many were still ours."""
         partitions = self._partitions
         settled = 0
+        on_settled = self._on_settled
         moved: dict[TopicPartition, tuple[int, int]] = {}
         tp: TopicPartition | None = None
         ledger: PartitionLedger | None = None
@@ -144,6 +166,8 @@ class OffsetLedger:
             if ledger is None or ledger.generation != record.generation:
                 continue
             settled += 1
+            if on_settled is not None:
+                on_settled(record)
             position = ledger.settle(record.offset)
             if position is not None:
                 moved[tp] = (ledger.generation, position)

@@ -112,6 +112,35 @@ def produce(
     return count
 
 
+def produce_with_headers(
+    bootstrap: str,
+    topic: str,
+    records: Iterable[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]],
+    *,
+    deadline_s: float = DEFAULT_DEADLINE_S,
+) -> int:
+    """Produce ``(key, value, headers)`` records in order and wait until every one is acknowledged."""
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
+    failures: list[str] = []
+
+    def report(error: Any, _message: Message) -> None:
+        if error is not None:
+            failures.append(str(error))
+
+    count = 0
+    try:
+        for key, value, headers in records:
+            producer.produce(topic, key=key, value=value, headers=headers, on_delivery=report)
+            producer.poll(0)
+            count += 1
+        remaining = producer.flush(deadline_s)
+    finally:
+        producer.close()
+    assert remaining == 0, f"{remaining} records not acknowledged within {deadline_s}s"
+    assert not failures, f"produce failed: {failures[:3]}"
+    return count
+
+
 def end_offsets(bootstrap: str, topic: str, partitions: int) -> dict[int, int]:
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique_name("probe")})
     try:
