@@ -151,7 +151,10 @@ def _end_offsets(consumer: Consumer, topics: Sequence[str]) -> dict[TopicPartiti
     try:
         return resolution.end_offsets(consumer, topics)
     except resolution.MissingTopic as missing:
-        raise ConfigError("--topic", f"dead-letter topic {missing.args[0]!r} does not exist") from None
+        # Named by the configuration (a topic entry's dead_letter_topic, default <name>.dlq) or by --topic.
+        raise ConfigError(
+            "topics.dead_letter_topic", f"dead-letter topic {missing.args[0]!r} does not exist on the brokers"
+        ) from None
 
 
 def state_of(

@@ -193,6 +193,21 @@ def test_redrive_with_nothing_to_do_says_so_and_a_missing_key_is_named(
     assert keyless.returncode == 2
     assert "api_key_env" in keyless.stderr
     assert "RR_API_KEY_" in keyless.stderr
+    # A dead-letter topic of the configuration that was never created is named as such, not as --topic.
+    gone = topics.create("never-dead-lettered")
+    unmade = write_config(
+        tmp_path / "unmade.toml",
+        bootstrap=kafka_bootstrap,
+        topics=[gone],
+        group=unique_name("group"),
+        emulator_url="http://127.0.0.1:9/1.0/",
+        registry_url=registry.url,
+    )
+    absent = rr("dlq", "inspect", "--config", str(unmade), keys=False)
+    assert absent.returncode == 2
+    assert absent.stderr.splitlines()[-1] == (
+        f"rr-consumer: topics.dead_letter_topic: dead-letter topic '{gone}.dlq' does not exist on the brokers"
+    )
 
 
 # --- whatever is in the dead-letter topic (issue 14) -------------------------------------------------------
