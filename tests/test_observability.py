@@ -22,6 +22,9 @@ from tests.relay import SHOPS, RelayProcess, Stack, generate, write_config
 from tools import kafka_local
 from tools.registry_double import RegistryDouble
 
+#: The samples of a /metrics page: (name, sorted labels) -> value.
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
 
 def get(port: int, path: str) -> tuple[int, str]:
     try:
@@ -33,7 +36,7 @@ def get(port: int, path: str) -> tuple[int, str]:
         return 0, ""
 
 
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def samples(text: str) -> Samples:
     found = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -41,8 +44,32 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return found
 
 
-def value(metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+def value(metrics: Samples, name: str, **labels: str) -> float:
+    """The sample ``name{labels}``; a missing one fails, naming it (a metric the relay lost is not 0)."""
+    key = (name, tuple(sorted(labels.items())))
+    if key not in metrics:
+        present = sorted(str(dict(have)) for sample, have in metrics if sample == name)
+        raise AssertionError(f"no sample {name}{labels} on /metrics (samples of {name}: {present or 'none'})")
+    return metrics[key]
+
+
+def value_or_zero(metrics: Samples, name: str, **labels: str) -> float:
+    """The sample ``name{labels}``, or 0.0 when it is absent: only where absent means "none yet" (a counter
+    appears with its first increment), such as inside a wait for it to appear."""
     return metrics.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_a_missing_metric_sample_fails_naming_it_instead_of_reading_as_zero() -> None:
+    metrics = samples('# TYPE rr_x_total counter\nrr_x_total{topic="a",outcome="ok"} 3.0\n')
+    assert value(metrics, "rr_x_total", topic="a", outcome="ok") == 3
+    with pytest.raises(
+        AssertionError, match=r"no sample rr_x_total\{'topic': 'b', 'outcome': 'ok'\}"
+    ) as caught:
+        value(metrics, "rr_x_total", topic="b", outcome="ok")
+    assert "{'outcome': 'ok', 'topic': 'a'}" in str(caught.value), "it lists the samples the metric has"
+    with pytest.raises(AssertionError, match="samples of rr_gone: none"):
+        value(metrics, "rr_gone")
+    assert value_or_zero(metrics, "rr_x_total", topic="b", outcome="ok") == 0.0  # only when asked for
 
 
 def test_metrics_count_exactly_what_a_known_run_did(
@@ -61,13 +88,13 @@ def test_metrics_count_exactly_what_a_known_run_did(
     relay = relays(config)
     total = len(traffic.records) + len(poison)
 
-    def settled() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+    def settled() -> Samples | None:
         status, text = get(port, "/metrics")
         if status != 200:
             return None
         metrics = samples(text)
-        done = sum(
-            value(metrics, "rr_records_settled_total", topic=topic, outcome=o)
+        done = sum(  # an outcome's counter is absent until its first record: none settled so far
+            value_or_zero(metrics, "rr_records_settled_total", topic=topic, outcome=o)
             for o in ("delivered", "dead_lettered")
         )
         return metrics if done == total else None
@@ -144,7 +171,7 @@ def test_an_open_breaker_pauses_the_partition_and_readiness_follows_while_livene
     lagging = wait_for(
         lambda: (
             (m := samples(get(port, "/metrics")[1]))
-            and value(m, "rr_consumer_lag", topic=topic, partition="0") >= 100
+            and value_or_zero(m, "rr_consumer_lag", topic=topic, partition="0") >= 100  # absent: not yet
             and m
         ),
         deadline_s=30,
@@ -157,7 +184,7 @@ def test_an_open_breaker_pauses_the_partition_and_readiness_follows_while_livene
     wait_for(lambda: get(port, "/readyz")[0] == 200, deadline_s=60, what="ready again after the outage")
     wait_for(
         lambda: (
-            value(
+            value_or_zero(  # absent: nothing delivered yet
                 samples(get(port, "/metrics")[1]),
                 "rr_records_settled_total",
                 topic=topic,
