@@ -204,10 +204,13 @@ def rewind(config: RelayConfig, work: dict[TopicPartition, tuple[int, int]]) -> 
     group = config.settings.kafka.group_id
     admin = AdminClient(kafka_client_config(config.settings))
     partitions = [KafkaTopicPartition(t, p, start) for (t, p), (start, _) in work.items()]
-    for future in admin.alter_consumer_group_offsets(
-        [ConsumerGroupTopicPartitions(group, partitions)]
-    ).values():
-        future.result(timeout=READ_TIMEOUT_S)
+    try:
+        for future in admin.alter_consumer_group_offsets(
+            [ConsumerGroupTopicPartitions(group, partitions)]
+        ).values():
+            future.result(timeout=READ_TIMEOUT_S)
+    finally:
+        del admin  # destroyed now (it has no close()), not by a garbage collection holding a traceback
 
 
 def run_redrive(

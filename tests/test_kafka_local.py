@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import gc
 import socket
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import pytest
-from confluent_kafka import TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
-from tests.kafka import Topics, committed_offsets, consume, consumer, produce, unique_name, wait_for
+from consumer.clients import close_producer
+from tests.kafka import (
+    Topics,
+    clients_left_behind,
+    committed_offsets,
+    consume,
+    consumer,
+    produce,
+    unique_name,
+    wait_for,
+)
 from tools import kafka_local
 
 
@@ -116,3 +129,36 @@ def test_readiness_asks_one_group_on_each_consumer_offsets_partition() -> None:
     groups = kafka_local._readiness_groups(kafka_local.OFFSETS_PARTITIONS)
     partitions = [kafka_local._offsets_partition(g, kafka_local.OFFSETS_PARTITIONS) for g in groups]
     assert partitions == list(range(kafka_local.OFFSETS_PARTITIONS))
+
+
+def _kinds(found: list[str]) -> Counter[str]:
+    return Counter(description.split(" (")[0] for description in found)
+
+
+def test_the_leak_check_finds_open_clients_and_not_closed_or_released_ones() -> None:
+    """The check run after each test (tests/conftest.py) sees every kind of client left open."""
+    nowhere = f"127.0.0.1:{kafka_local.free_port()}"  # nothing listens: nothing to wait for either
+    before = _kinds(clients_left_behind())  # the session's own admin client, when a broker test ran first
+    producer = Producer({"bootstrap.servers": nowhere, "log_level": 0})
+    probe = Consumer({"bootstrap.servers": nowhere, "group.id": "g", "log_level": 0})
+    admin = AdminClient({"bootstrap.servers": nowhere, "log_level": 0})
+    try:
+        found = _kinds(clients_left_behind()) - before
+        assert found == Counter(["an open Producer", "an open Consumer", "an open AdminClient"])
+    finally:
+        close_producer(producer, 0)
+        probe.close()
+        del admin
+    assert _kinds(clients_left_behind()) == before, "closed, and released: none is reported"
+
+
+def test_the_leak_check_counts_a_client_that_only_a_reference_cycle_holds() -> None:
+    """Such a client is the one a garbage collection would destroy at some random later point: left behind."""
+    nowhere = f"127.0.0.1:{kafka_local.free_port()}"
+    before = _kinds(clients_left_behind())
+    cycle: dict[str, object] = {"admin": AdminClient({"bootstrap.servers": nowhere, "log_level": 0})}
+    cycle["self"] = cycle
+    del cycle
+    assert _kinds(clients_left_behind()) - before == Counter(["an open AdminClient"])
+    gc.collect()  # destroyed now, deterministically, as no test may leave it
+    assert _kinds(clients_left_behind()) == before

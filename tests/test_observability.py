@@ -209,8 +209,11 @@ def test_readiness_turns_red_when_the_broker_goes_away(
         from confluent_kafka.admin import AdminClient, NewTopic
 
         admin = AdminClient({"bootstrap.servers": broker.bootstrap})
-        for future in admin.create_topics([NewTopic("gone", 1, 1), NewTopic("gone.dlq", 1, 1)]).values():
-            future.result(30)
+        try:
+            for future in admin.create_topics([NewTopic("gone", 1, 1), NewTopic("gone.dlq", 1, 1)]).values():
+                future.result(30)
+        finally:
+            del admin  # destroyed now, while its broker is up: never by a collection after it stopped
         port = kafka_local.free_port()
         config = write_config(
             tmp_path / "relay.toml",
