@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -16,12 +19,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.decode import registry_client
 from consumer.emulator import EmulatorShop, EmulatorThread, Faults
-from consumer.logs import SecretScrubber
+from consumer.logs import FOLD_WINDOW_S, SecretScrubber
 from tests.kafka import Topics, produce, unique_name, wait_for
 from tests.relay import SHOPS, RelayProcess, Stack, generate, write_config
 from tools import kafka_local
 from tools.registry_double import RegistryDouble
 
+#: How long a relay without its broker is watched before its librdkafka lines are counted.
+OBSERVE_S = 5.0
 #: The samples of a /metrics page: (name, sorted labels) -> value.
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -198,12 +203,14 @@ def test_an_open_breaker_pauses_the_partition_and_readiness_follows_while_livene
     assert relay.terminate() == 0
 
 
-def test_readiness_turns_red_when_the_broker_goes_away(
+def test_without_its_broker_a_relay_turns_unready_and_logs_librdkafkas_complaints_as_folded_json(
     registry: RegistryDouble,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
     tmp_path: Path,
 ) -> None:
+    """A relay that lost its broker: /readyz turns red, and librdkafka's reconnect failures reach the relay's
+    output only as JSON ``kafka.log`` events, folded (never raw ``%3|...|FAIL|`` lines, about 26 a second)."""
     broker = kafka_local.start(data_root=tmp_path)  # a broker of its own: this test stops it
     try:
         from confluent_kafka.admin import AdminClient, NewTopic
@@ -231,12 +238,40 @@ def test_readiness_turns_red_when_the_broker_goes_away(
         wait_for(lambda: get(port, "/readyz")[0] == 200, deadline_s=60, what="ready")
     finally:
         kafka_local.stop(broker)
+    lost_at = time.monotonic()
     _, body = wait_for(
         lambda: (r := get(port, "/readyz"))[0] == 503 and r, deadline_s=60, what="not ready without a broker"
     )
     assert "no Kafka broker reachable" in json.loads(body)["problems"]
     assert get(port, "/healthz")[0] == 200, "the process itself is fine"
+
+    def complained_for_a_while() -> (
+        bool
+    ):  # an observation window of a few seconds, then its lines are counted
+        fails = [e for e in relay.log_events("kafka.log") if e["facility"] == "FAIL" and e["broker"]]
+        return bool(fails) and time.monotonic() - lost_at >= OBSERVE_S
+
+    wait_for(complained_for_a_while, deadline_s=60, what="librdkafka's reconnect failures in the log")
     relay.terminate(90)
+    observed_s = time.monotonic() - lost_at
+    lines = relay.output().splitlines()
+    assert not [line for line in lines if line.startswith("%")], "a raw librdkafka line reached the output"
+    events = []
+    for line in lines:
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise AssertionError(f"not a JSON log line: {line!r}") from None
+    kafka = [e for e in events if e["event"] == "kafka.log"]
+    assert {e["client"] for e in kafka} >= {"consumer"}
+    assert any(e.get("repeated") for e in kafka), "the repeated connect failures were folded"
+    kinds = Counter(
+        (e["client"], e["level"], e["facility"], e["broker"], re.sub(r"\d+", "#", e["message"]))
+        for e in kafka
+    )
+    # A kind of line is logged once per window, plus once with the count of those held back.
+    bound = 2 * (int(observed_s // FOLD_WINDOW_S) + 1)
+    assert max(kinds.values()) <= bound, f"{kinds.most_common(3)} over {observed_s:.0f}s"
 
 
 def test_no_secret_reaches_the_log_even_at_debug_level_on_failure_paths(
@@ -298,3 +333,99 @@ def test_log_lines_are_json_with_the_event_name_when_not_in_a_terminal(
     assert line["event"] == "relay.test"
     assert line["note"] == "***"
     structlog.reset_defaults()
+
+
+# --- librdkafka's own lines: through the relay's JSON log, folded -----------------------------------------
+
+
+class _Counting(logging.Handler):
+    """Counts what librdkafka handed over, beside the handler under test."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+
+
+def test_librdkafka_lines_become_folded_json_log_events_naming_client_and_broker(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """A real client pointed at a closed port: librdkafka complains about 20 times a second; what reaches
+    stderr is JSON, no raw ``%3|...|FAIL|`` line, one event per kind of line and one that counts the rest."""
+    from confluent_kafka import Consumer
+
+    from consumer import logs
+
+    logs.configure("info", "json")
+    port = kafka_local.free_port()  # nothing listens there
+    kafka_log = logs.KafkaLog("consumer")
+    counted = _Counting()
+    kafka_log.addHandler(counted)
+    client = Consumer({"bootstrap.servers": f"127.0.0.1:{port}", "group.id": "g", "logger": kafka_log})
+    try:
+        client.subscribe(["t"])
+        wait_for(
+            lambda: client.consume(timeout=0.1) is not None and counted.count >= 20,
+            deadline_s=30,
+            what="librdkafka's connect failures",
+            interval_s=0,
+        )
+    finally:
+        client.close()
+    kafka_log.flush()
+    structlog.reset_defaults()
+    err = capfd.readouterr().err
+    lines = err.splitlines()
+    assert not [line for line in lines if line.startswith("%")], "a raw librdkafka line reached stderr"
+    events = [json.loads(line) for line in lines]  # every line is JSON
+    kafka = [e for e in events if e["event"] == "kafka.log"]
+    assert kafka, err
+    first = kafka[0]
+    assert first["client"] == "consumer"
+    assert first["facility"] == "FAIL"
+    assert first["level"] == "error"
+    assert first["broker"] == f"127.0.0.1:{port}/bootstrap"
+    assert "Connection refused" in first["message"]
+    assert not first["message"].startswith("[thrd:"), "the thread prefix is parsed off"
+    # Nothing lost: each line is one of librdkafka's, or counts those held back (repeated).
+    assert sum(e.get("repeated", 1) for e in kafka) == counted.count
+    kinds = Counter((e["level"], e["facility"], e["broker"]) for e in kafka)
+    assert all(n <= 2 for n in kinds.values()), f"not folded within the window: {kinds}"
+    assert len(kafka) <= 2 * len(kinds) < counted.count
+
+
+def test_repeats_are_counted_within_the_window_and_the_count_is_logged_after_it() -> None:
+    from structlog.testing import capture_logs
+
+    from consumer.logs import KafkaLog
+
+    now = [0.0]
+    kafka_log = KafkaLog("dead-letter-producer", clock=lambda: now[0])
+
+    def fail(after_ms: int, broker: str = "127.0.0.1:9/1") -> None:
+        line = f"[thrd:{broker}]: {broker}: Connect to ipv4#127.0.0.1:9 failed (after {after_ms}ms in X)"
+        kafka_log.log(logging.ERROR, "%s [%s] %s", "FAIL", "rdkafka#producer-1", line)
+
+    with capture_logs() as captured:
+        for n in range(5):
+            fail(n)  # the numbers vary, the kind does not
+        fail(0, broker="127.0.0.1:8/2")  # another broker: a kind of its own
+        assert [e.get("repeated") for e in captured] == [None, None]
+        now[0] = FOLD_WINDOW_S + 0.1
+        fail(7)  # the window is over: the count held back goes out, and this line starts a new one
+        kafka_log.log(
+            logging.WARNING, "%s [%s] %s", "REQTMOUT", "rdkafka#producer-1", "[thrd:main]: timed out"
+        )
+        kafka_log.flush()
+    assert [(e["broker"], e.get("repeated"), e["log_level"]) for e in captured] == [
+        ("127.0.0.1:9/1", None, "error"),
+        ("127.0.0.1:8/2", None, "error"),
+        ("127.0.0.1:9/1", 4, "error"),
+        ("127.0.0.1:9/1", None, "error"),
+        (None, None, "warning"),
+    ]
+    assert captured[0]["message"] == "Connect to ipv4#127.0.0.1:9 failed (after 0ms in X)"
+    assert captured[-1]["facility"] == "REQTMOUT"
+    assert {e["client"] for e in captured} == {"dead-letter-producer"}
