@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import faulthandler
 import gc
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,7 +37,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 #: How long the process may take to exit once the session is over (plugins' session end, interpreter exit:
 #: what no test's timeout covers) before faulthandler dumps every thread's stack and ends it with status 1.
-EXIT_DEADLINE_S = 120
+EXIT_DEADLINE_S = float(os.environ.get("RR_TEST_EXIT_DEADLINE_S", "120"))  # shorter only to test it
 #: The session's own clients (the ``kafka_admin`` fixture's), open on purpose until the session ends.
 _SESSION_CLIENTS: list[object] = []
 #: Ids of clients reported already: each is reported once, by the first test after which it was found.
