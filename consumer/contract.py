@@ -5,6 +5,11 @@ breaks the contract is a permanent failure without an HTTP request), and the emu
 the same rules. See ``shared/reference/tracking-api.md`` for the contract and the readings taken where the
 original document is silent or wrong.
 
+One rule here goes beyond that page, which says only that ``searchPhrase`` is a required string: it must hold
+more than whitespace (empty once trimmed is refused). Retail Rocket answers 400 to such a phrase (issue 12),
+and a call sent only to be refused cost its whole ``visitorEvents`` batch a re-send as single calls; refused
+here, it is a translate-stage dead letter instead. ``tests/data/contract-vectors.json`` holds the vectors.
+
 Validation returns a :class:`Violation` (or ``None``) instead of raising: it runs once per event on the hot
 path of both the relay and the emulator, and a value is cheaper than an exception.
 """
@@ -109,9 +114,11 @@ def _check_short_string(value: Any) -> str | None:
     return None
 
 
-def _check_string(value: Any) -> str | None:
+def _check_phrase(value: Any) -> str | None:
     if type(value) is not str:
         return f"must be a string, got {_json_type(value)}"
+    if not value or value.isspace():  # what is left after trimming (str.strip()) must not be empty
+        return f"must hold more than whitespace, got {_preview(value)}"
     return None
 
 
@@ -165,7 +172,7 @@ FIELDS: Final[Mapping[str, tuple[tuple[str, bool, Check], ...]]] = {
     ),
     "search": (
         ("sessionExternalId", True, _check_session),
-        ("searchPhrase", True, _check_string),
+        ("searchPhrase", True, _check_phrase),
         ("timestamp", False, _check_timestamp),
     ),
 }

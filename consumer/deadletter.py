@@ -43,6 +43,8 @@ import structlog
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from consumer import __version__
+from consumer.clients import close_producer
+from consumer.logs import KafkaLog
 from consumer.record import Record
 
 log = structlog.get_logger(__name__)
@@ -129,6 +131,7 @@ class DeadLetterWriter:
         on_written: Callable[[Record], None],
         on_failed: Callable[[Record, str], None],
     ) -> None:
+        self._kafka_log = KafkaLog("dead-letter-producer")
         self._producer = Producer(
             {
                 **producer_config,
@@ -137,6 +140,8 @@ class DeadLetterWriter:
                 "linger.ms": 5,
                 # A dead-letter topic that cannot be written must come back as a failure, not hang for 5 min.
                 "message.timeout.ms": int(write_timeout_s * 1000),
+                # librdkafka's own lines go through the relay's JSON log (served by the poller's poll()).
+                "logger": self._kafka_log,
             }
         )
         self._topic_for = topic_for
@@ -179,7 +184,7 @@ class DeadLetterWriter:
     def _report(self, record: Record, error: KafkaError | None) -> None:
         # Runs on the poller thread: hand the outcome to the loop, where the ledger lives.
         if self._closed:
-            return  # purged at close: the record stays unsettled, so uncommitted, and nothing retries it
+            return  # purged by close(): the record stays unsettled, so uncommitted, and is read again later
         if error is None:
             self._loop.call_soon_threadsafe(self._written, record)
         else:
@@ -194,19 +199,15 @@ class DeadLetterWriter:
             self._producer.poll(0.1)
 
     def close(self, timeout_s: float = 10.0) -> int:
-        """Flush what is queued for up to ``timeout_s``, then destroy the producer; return how many writes
-        were still unconfirmed (purged: their records were never settled, so never committed).
-
-        The producer is destroyed here, never by the garbage collector: destroying a client whose broker is
-        gone, from inside a collection, can deadlock the process. Purging first keeps the destroy from
-        waiting on writes that cannot complete.
-        """
+        """Flush what is queued, then destroy the producer (never left to the garbage collector); return how
+        many writes were still unconfirmed (purged: their records were never settled, so never committed)."""
         remaining: int = self._producer.flush(timeout_s)
         self._running = False
-        self._poller.join(timeout=1.0)
+        self._poller.join(timeout=5.0)
+        if self._poller.is_alive():
+            log.warning("deadletter.poller_stuck")  # closing under a poll() in progress would crash
+            return remaining
         self._closed = True
-        if remaining:
-            self._producer.purge()
-            self._producer.flush(0)  # serves the purged writes' reports (ignored now) without waiting
-        self._producer.close()
+        close_producer(self._producer, 0)
+        self._kafka_log.flush()
         return remaining

@@ -34,6 +34,7 @@ from consumer.contract import SINGLE_METHODS, TrackingCall
 from consumer.decode import Decoder, DomainEvent, UnknownEventType
 from consumer.errors import DecodeError, PermanentError, RegistryUnavailable, TranslateError
 from consumer.faults import FaultBoard
+from consumer.logs import KafkaLog
 from consumer.metrics import RelayMetrics
 from consumer.record import CallFailure, Record, TopicPartition
 from consumer.redrive import RedrivePlan
@@ -89,6 +90,8 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
         # its default (1 s) starved the relay: consume + decode ran at half speed with the bound above.
         "fetch.queue.backoff.ms": 20,
         "statistics.interval.ms": kafka.statistics_interval_ms,
+        # librdkafka's own lines go through the relay's JSON log, folded when they repeat, never raw.
+        "logger": KafkaLog("consumer"),
     }
 
 
@@ -184,15 +187,14 @@ class Intake:
     def _run(self) -> None:
         error: BaseException | None = None
         consumer: Consumer | None = None
+        config = {
+            **consumer_config(self._settings),
+            "stats_cb": self._on_stats,
+            "error_cb": self._on_error,
+            "on_commit": self._on_commit,
+        }
         try:
-            consumer = self._consumer_factory(
-                {
-                    **consumer_config(self._settings),
-                    "stats_cb": self._on_stats,
-                    "error_cb": self._on_error,
-                    "on_commit": self._on_commit,
-                }
-            )
+            consumer = self._consumer_factory(config)
             consumer.subscribe(
                 [topic.name for topic in self._settings.topics],
                 on_assign=self._on_assign,
@@ -207,6 +209,7 @@ class Intake:
         finally:
             if consumer is not None:
                 self._close_consumer(consumer)
+            config["logger"].flush()  # the counts of librdkafka's lines held back, now the consumer is closed
             self._loop.call_soon_threadsafe(self._listener.on_intake_stopped, error)
 
     def _iteration(self, consumer: Consumer) -> None:

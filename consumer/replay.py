@@ -267,11 +267,19 @@ class Cluster:
             self.probe = Consumer({**common, "group.id": request.group, "enable.auto.commit": False})
         except (KafkaException, ValueError, TypeError) as error:
             # A bad pass-through setting in [kafka.client] fails here, before any connection.
+            self.__dict__.pop("admin", None)  # the traceback keeps this object: no client left in it
             problem = _kafka_problem(error) if isinstance(error, KafkaException) else str(error)
             raise ReplayError(f"cannot create the Kafka clients: {problem}", EXIT_USAGE) from None
 
     def close(self) -> None:
-        self.probe.close()
+        """Close the probe and destroy the admin client now, while the broker is known to be there.
+
+        An AdminClient has no close(): it is destroyed with its last reference, which is this one.
+        """
+        try:
+            self.probe.close()
+        finally:
+            del self.admin
 
     def __enter__(self) -> Cluster:
         return self

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from confluent_kafka import KafkaError, Message, Producer
 
+from consumer.clients import close_producer
 from consumer.config import ValueFormat
 from consumer.decode import registry_client
 from consumer.sample import TrafficGenerator, build_encoder
@@ -56,23 +57,25 @@ def produce_sample(
     produced = 0
     started = time.monotonic()
     chunk = 100
-    while (count is None or produced < count) and not should_stop():
-        size = chunk if count is None else min(chunk, count - produced)
-        for type_name, fields in generator.events(size):
-            value = encoder.encode(type_name, fields)
-            _produce(producer, topic, fields["sessionId"].encode(), value, report)
-        produced += size
-        producer.poll(0)
-        if errors:
-            raise RuntimeError(f"producing to {topic} failed: {errors[0]}")
-        if on_progress is not None:
-            on_progress(produced)
-        if rate:
-            # Pace to the rate: sleep until this many events are due (a paced producer, not a test wait).
-            ahead = produced / rate - (time.monotonic() - started)
-            if ahead > 0:
-                time.sleep(ahead)
-    producer.flush(30)
+    try:
+        while (count is None or produced < count) and not should_stop():
+            size = chunk if count is None else min(chunk, count - produced)
+            for type_name, fields in generator.events(size):
+                value = encoder.encode(type_name, fields)
+                _produce(producer, topic, fields["sessionId"].encode(), value, report)
+            produced += size
+            producer.poll(0)
+            if errors:
+                raise RuntimeError(f"producing to {topic} failed: {errors[0]}")
+            if on_progress is not None:
+                on_progress(produced)
+            if rate:
+                # Pace to the rate: sleep until this many events are due (a paced producer, not a test wait).
+                ahead = produced / rate - (time.monotonic() - started)
+                if ahead > 0:
+                    time.sleep(ahead)
+    finally:
+        close_producer(producer, 30)
     if errors:
         raise RuntimeError(f"producing to {topic} failed: {errors[0]}")
     return produced

@@ -180,7 +180,7 @@ class Translator:
     def _search_performed(self, fields: dict[str, Any], shop: str) -> _Built:
         session, phrase, at = fields[events.SESSION_ID], fields["phrase"], fields[events.OCCURRED_AT]
         body: Body = {"sessionExternalId": session, "searchPhrase": phrase, "timestamp": _timestamp(at)}
-        checked = _session_ok(session) and type(phrase) is str and type(at) is int
+        checked = _session_ok(session) and _phrase_ok(phrase) and type(at) is int
         return [TrackingCall(shop, "search", body)], checked
 
     def _item_added_to_basket(self, fields: dict[str, Any], shop: str) -> _Built:
@@ -224,6 +224,11 @@ def _session_ok(value: Any) -> bool:
 def _id_ok(value: Any) -> bool:
     """A product, group or category id: an integer (not a bool) from 0 to 2^53 - 1."""
     return type(value) is int and 0 <= value <= MAX_ID
+
+
+def _phrase_ok(value: Any) -> bool:
+    """``searchPhrase``: a string that is not empty once trimmed."""
+    return type(value) is str and value != "" and not value.isspace()
 
 
 def _stock_ok(stock: Any) -> bool:

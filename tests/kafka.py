@@ -1,8 +1,14 @@
-"""Helpers for tests that cross the real broker: unique topics, producing and consuming with deadlines."""
+"""Helpers for tests that cross the real broker: unique topics, producing and consuming with deadlines.
+
+Every client made here is closed (an AdminClient: its last reference dropped) before the helper returns or
+raises, never left to the garbage collector: librdkafka's destroy, run by a collection at a random later
+point after the client's broker stopped, waited for good on a broker thread and hung the suite (issue 12).
+:func:`clients_left_behind` finds the ones a test forgot; ``tests/conftest.py`` runs it after each test.
+"""
 
 from __future__ import annotations
 
-import contextlib
+import gc
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -11,6 +17,9 @@ from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.cimpl import _AdminClientImpl
+
+from consumer.clients import close_producer
 
 T = TypeVar("T")
 DEFAULT_DEADLINE_S = 30.0
@@ -72,9 +81,11 @@ class Topics:
         if not self.created:
             return
         for future in self.admin.delete_topics(self.created, operation_timeout=30).values():
-            # Already gone is fine: a test may delete its own topic on purpose.
-            with contextlib.suppress(KafkaException):
-                future.result(timeout=30)
+            # Already gone is fine: a test may delete its own topic on purpose. exception(), not result(): a
+            # raised error's traceback would hold this frame, so the admin client, in a reference cycle.
+            error = future.exception(timeout=30)
+            if error is not None and not isinstance(error, KafkaException):
+                raise error
         self.created.clear()
 
 
@@ -94,19 +105,22 @@ def produce(
         if error is not None:
             failures.append(str(error))
 
-    for record in records:
-        key, value = record[0], record[1]
-        kwargs: dict[str, Any] = {"key": key, "value": value, "on_delivery": report}
-        if len(record) > 2:
-            kwargs["partition"] = record[2]  # type: ignore[misc]
-        while True:
-            try:
-                producer.produce(topic, **kwargs)
-                break
-            except BufferError:
-                producer.poll(0.1)
-        count += 1
-    remaining = producer.flush(deadline_s)
+    try:
+        for record in records:
+            key, value = record[0], record[1]
+            kwargs: dict[str, Any] = {"key": key, "value": value, "on_delivery": report}
+            if len(record) > 2:
+                kwargs["partition"] = record[2]  # type: ignore[misc]
+            while True:
+                try:
+                    producer.produce(topic, **kwargs)
+                    break
+                except BufferError:
+                    producer.poll(0.1)
+            count += 1
+        remaining = producer.flush(deadline_s)
+    finally:
+        close_producer(producer, 0)  # flushed above: whatever is left is purged, and the assertion says so
     assert remaining == 0, f"{remaining} records not acknowledged within {deadline_s}s"
     assert not failures, f"produce failed: {failures[:3]}"
     return count
@@ -141,6 +155,44 @@ def produce_with_headers(
     return count
 
 
+#: The librdkafka client types: an object of one of these owns librdkafka threads until it is destroyed.
+_CLIENT_TYPES = (Producer, Consumer, _AdminClientImpl)
+
+
+def clients_left_behind(keep: Iterable[object] = (), *, skip: set[int] | None = None) -> list[str]:
+    """Every librdkafka client of this process that is still open, but for ``keep``, as a description.
+
+    A Producer or Consumer that was closed is harmless (its handle is gone); an AdminClient has no close(),
+    so one still alive is open. Nothing is collected first: a client that only a reference cycle or a kept
+    traceback holds is just the one that would be destroyed by a later collection, so it counts. ``skip``
+    holds the ids of clients reported before (reported once), and gains the ones reported now.
+    """
+    if gc.get_freeze_count():
+        gc.unfreeze()  # an in-process relay froze the heap of its time (service._tune_interpreter)
+    kept = {id(client) for client in keep}
+    found: list[str] = []
+    for obj in gc.get_objects():
+        if not isinstance(obj, _CLIENT_TYPES) or id(obj) in kept or (skip is not None and id(obj) in skip):
+            continue
+        if _is_open(obj):
+            holders = sorted({type(r).__name__ for r in gc.get_referrers(obj) if not isinstance(r, list)})
+            found.append(f"an open {type(obj).__name__} (held by: {', '.join(holders) or 'nothing'})")
+            if skip is not None:
+                skip.add(id(obj))
+    return found
+
+
+def _is_open(client: object) -> bool:
+    try:
+        if isinstance(client, Producer):
+            client.poll(0)
+        elif isinstance(client, Consumer):
+            client.memberid()
+    except RuntimeError:  # "Producer has been closed", "Consumer closed"
+        return False
+    return True  # an AdminClient: alive means open
+
+
 def end_offsets(bootstrap: str, topic: str, partitions: int) -> dict[int, int]:
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique_name("probe")})
     try:
@@ -173,8 +225,8 @@ def consumer(bootstrap: str, group: str, topics: list[str], **overrides: Any) ->
         **overrides,
     }
     client = Consumer(config)
-    client.subscribe(topics)
     try:
+        client.subscribe(topics)
         yield client
     finally:
         client.close()

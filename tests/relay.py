@@ -289,9 +289,9 @@ def dead_letters(bootstrap: str, topic: str, count: int, deadline_s: float = 60)
             "enable.auto.commit": False,
         }
     )
-    consumer.subscribe([topic])
     found: list[dict[str, Any]] = []
     try:
+        consumer.subscribe([topic])
 
         def enough() -> bool:
             for message in consumer.consume(num_messages=100, timeout=0.5):

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from confluent_kafka.admin import AdminClient
+
 from tools.bench.figures import FIGURES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,13 +73,13 @@ def test_the_quick_benchmark_writes_a_report_with_every_figure(kafka_bootstrap: 
     assert "| python |" in report
 
 
-def test_the_quick_benchmark_deletes_the_topic_it_created(kafka_bootstrap: str, tmp_path: Path) -> None:
+def test_the_quick_benchmark_deletes_the_topic_it_created(
+    kafka_bootstrap: str, kafka_admin: AdminClient, tmp_path: Path
+) -> None:
     """The backlog topic a run creates is gone when it ends: runs share the broker."""
-    from confluent_kafka.admin import AdminClient
-
     done = run_bench(kafka_bootstrap, "--quick", "--only", "cpu", "--output", str(tmp_path / "y.md"))
     assert done.returncode == 0, done.stderr[-3000:]
     created = re.search(r"events to (bench-backlog-\w+)", done.stderr)
     assert created is not None, done.stderr[-3000:]
-    topics = AdminClient({"bootstrap.servers": kafka_bootstrap}).list_topics(timeout=10).topics
+    topics = kafka_admin.list_topics(timeout=10).topics
     assert created.group(1) not in topics

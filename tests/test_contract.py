@@ -48,3 +48,15 @@ def test_the_relay_and_the_emulator_share_one_verdict_on_every_contract_vector()
         else:
             valid = validate_body(method, body) is None
         assert valid == (vector["status"] == 200), vector["why"]
+
+
+#: Whitespace as ``str.strip()`` and ``str.isspace()`` know it, beyond ASCII: what trimming removes.
+WHITESPACE = " \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f\x85\xa0\u1680\u2000\u2003\u2028\u2029\u202f\u205f\u3000"
+
+
+@given(st.text(max_size=8) | st.text(alphabet=WHITESPACE, max_size=8) | st.text(alphabet=WHITESPACE + "ab"))
+def test_a_search_phrase_is_valid_exactly_when_something_is_left_once_it_is_trimmed(phrase: str) -> None:
+    violation = validate_body("search", {"sessionExternalId": "a1", "searchPhrase": phrase})
+    assert (violation is None) == (phrase.strip() != ""), repr(phrase)
+    if violation is not None:
+        assert violation.field == "searchPhrase"

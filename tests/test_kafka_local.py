@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+import gc
+import os
 import socket
+import subprocess
+import sys
+import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import pytest
-from confluent_kafka import TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
-from tests.kafka import Topics, committed_offsets, consume, consumer, produce, unique_name, wait_for
+from consumer.clients import close_producer
+from tests.kafka import (
+    Topics,
+    clients_left_behind,
+    committed_offsets,
+    consume,
+    consumer,
+    produce,
+    unique_name,
+    wait_for,
+)
 from tools import kafka_local
 
 
@@ -116,3 +133,100 @@ def test_readiness_asks_one_group_on_each_consumer_offsets_partition() -> None:
     groups = kafka_local._readiness_groups(kafka_local.OFFSETS_PARTITIONS)
     partitions = [kafka_local._offsets_partition(g, kafka_local.OFFSETS_PARTITIONS) for g in groups]
     assert partitions == list(range(kafka_local.OFFSETS_PARTITIONS))
+
+
+def _kinds(found: list[str]) -> Counter[str]:
+    return Counter(description.split(" (")[0] for description in found)
+
+
+def test_the_leak_check_finds_open_clients_and_not_closed_or_released_ones() -> None:
+    """The check run after each test (tests/conftest.py) sees every kind of client left open."""
+    nowhere = f"127.0.0.1:{kafka_local.free_port()}"  # nothing listens: nothing to wait for either
+    before = _kinds(clients_left_behind())  # the session's own admin client, when a broker test ran first
+    producer = Producer({"bootstrap.servers": nowhere, "log_level": 0})
+    probe = Consumer({"bootstrap.servers": nowhere, "group.id": "g", "log_level": 0})
+    admin = AdminClient({"bootstrap.servers": nowhere, "log_level": 0})
+    try:
+        found = _kinds(clients_left_behind()) - before
+        assert found == Counter(["an open Producer", "an open Consumer", "an open AdminClient"])
+    finally:
+        close_producer(producer, 0)
+        probe.close()
+        del admin
+    assert _kinds(clients_left_behind()) == before, "closed, and released: none is reported"
+
+
+def test_the_leak_check_counts_a_client_that_only_a_reference_cycle_holds() -> None:
+    """Such a client is the one a garbage collection would destroy at some random later point: left behind."""
+    nowhere = f"127.0.0.1:{kafka_local.free_port()}"
+    before = _kinds(clients_left_behind())
+    cycle: dict[str, object] = {"admin": AdminClient({"bootstrap.servers": nowhere, "log_level": 0})}
+    cycle["self"] = cycle
+    del cycle
+    assert _kinds(clients_left_behind()) - before == Counter(["an open AdminClient"])
+    gc.collect()  # destroyed now, deterministically, as no test may leave it
+    assert _kinds(clients_left_behind()) == before
+
+
+# --- the watchdogs: a hang fails in minutes and says where --------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _pytest(folder: Path, test: str, *options: str, **env: str) -> tuple[int, str, float]:
+    """Run pytest, with this suite's configuration and conftest, on one generated test file."""
+    (folder / "test_generated.py").write_text(test)
+    command = [sys.executable, "-m", "pytest", "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(ROOT)]
+    command += ["-p", "tests.conftest", "-p", "no:cacheprovider", *options, str(folder / "test_generated.py")]
+    started = time.monotonic()
+    done = subprocess.run(
+        command,
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    return done.returncode, done.stdout + done.stderr, time.monotonic() - started
+
+
+def test_a_test_hung_inside_c_code_fails_within_the_limit_and_dumps_every_threads_stack(
+    tmp_path: Path,
+) -> None:
+    """As the suite hung in librdkafka's destroy: the main thread waits on a mutex inside C code, where no
+    signal handler runs (so pytest-timeout's "signal" method would wait with it); "thread" ends it."""
+    status, output, took = _pytest(
+        tmp_path,
+        "import ctypes, threading\n"
+        "def test_hangs() -> None:\n"
+        "    threading.Thread(target=threading.Event().wait, name='helper-that-waits', daemon=True).start()\n"
+        "    libc = ctypes.CDLL(None)\n"
+        "    mutex = ctypes.create_string_buffer(64)  # PTHREAD_MUTEX_INITIALIZER: all zeros\n"
+        "    libc.pthread_mutex_lock(mutex)\n"
+        "    libc.pthread_mutex_lock(mutex)  # a normal mutex locked twice: a deadlock, in C\n",
+        "-o",
+        "timeout=2",
+    )
+    assert status != 0, output
+    assert "Timeout" in output, output[-3000:]
+    assert "helper-that-waits" in output, "every thread's stack, not only the main one's"
+    assert "test_hangs" in output, "the main thread's stack shows where it hung"
+    assert took < 60
+
+
+def test_a_hang_after_the_last_test_is_ended_by_the_exit_watchdog(tmp_path: Path) -> None:
+    """A thread that never ends holds the interpreter's exit, outside any test's limit."""
+    status, output, took = _pytest(
+        tmp_path,
+        "import threading\n"
+        "def block_the_exit() -> None:\n"
+        "    threading.Event().wait()\n"
+        "def test_passes_but_leaves_a_thread() -> None:\n"
+        "    threading.Thread(target=block_the_exit, name='never-ends').start()\n",
+        RR_TEST_EXIT_DEADLINE_S="10",
+    )
+    assert "1 passed" in output, output[-3000:]
+    assert status == 1, f"the watchdog ends the process with status 1, not {status}"
+    assert "block_the_exit" in output, "the stack of the thread that held the exit is dumped"
+    assert took < 60

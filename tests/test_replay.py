@@ -17,8 +17,17 @@ from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, Producer, To
 from confluent_kafka.admin import AdminClient
 
 from consumer.cli import main
+from consumer.clients import close_producer
 from consumer.replay import parse_time
-from tests.kafka import Topics, committed_offsets, consumer, end_offsets, produce, unique_name, wait_for
+from tests.kafka import (
+    Topics,
+    committed_offsets,
+    consumer,
+    end_offsets,
+    produce,
+    unique_name,
+    wait_for,
+)
 
 NO_COMMIT = -1001  # what Consumer.committed reports for a partition the group never committed
 RunReplay = Callable[..., tuple[int, str, str]]
@@ -46,16 +55,20 @@ def produce_timed(bootstrap: str, topic: str, records: Sequence[tuple[int, int]]
         if error is not None:
             failures.append(str(error))
 
-    for index, (partition, timestamp) in enumerate(records):
-        producer.produce(
-            topic,
-            key=b"k%d" % index,
-            value=b"v%d" % index,
-            partition=partition,
-            timestamp=timestamp,
-            on_delivery=report,
-        )
-    assert producer.flush(30) == 0, "records not acknowledged within 30s"
+    try:
+        for index, (partition, timestamp) in enumerate(records):
+            producer.produce(
+                topic,
+                key=b"k%d" % index,
+                value=b"v%d" % index,
+                partition=partition,
+                timestamp=timestamp,
+                on_delivery=report,
+            )
+        remaining = producer.flush(30)
+    finally:
+        close_producer(producer, 0)  # flushed above: whatever is left is purged, and the assertion says so
+    assert remaining == 0, "records not acknowledged within 30s"
     assert not failures, failures[:3]
 
 

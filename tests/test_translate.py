@@ -249,6 +249,8 @@ def test_a_naive_datetime_event_time_breaks_the_contract(translator: Translator)
         ("ProductViewed", {"productId": 1, "groupId": MAX_ID + 1}, "groupId", "between 0 and"),
         ("ProductViewed", {"productId": 1, "groupId": None, "stockId": "s" * 51}, "stockId", "at most 50"),
         ("CategoryViewed", {"categoryId": -5}, "categoryId", "between 0 and"),
+        ("SearchPerformed", {"phrase": ""}, "searchPhrase", "more than whitespace"),
+        ("SearchPerformed", {"phrase": " \t\n"}, "searchPhrase", "more than whitespace"),
         ("ItemAddedToBasket", {"productId": MAX_ID + 1, "quantity": 1}, "productId", "between 0 and"),
         ("OrderPlaced", {"orderId": "o", "lines": [line(1, 0, "1.00")]}, "quantity", "greater than 0"),
         ("OrderPlaced", {"orderId": "o", "lines": [line(1, -2, "1.00")]}, "quantity", "greater than 0"),
@@ -364,7 +366,9 @@ _BAD_TEXT = [None, 5, 1.5, b"bytes"]
             "productId": _half_good([0, 7, MAX_ID], _BAD_ID),
             "groupId": _half_good([None, 0, MAX_ID], _BAD_ID),
             "categoryId": _half_good([0, 3, MAX_ID], _BAD_ID),
-            "phrase": _half_good(["red shoes", ""], _BAD_TEXT),
+            "phrase": _half_good(
+                ["red shoes", " pampers ", "x", "\u00a0x"], ["", " ", "\t\n", "\u3000", "\u00a0", *_BAD_TEXT]
+            ),
         }
     ),
 )

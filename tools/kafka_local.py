@@ -316,22 +316,30 @@ def _wait_ready(broker: Broker, process: subprocess.Popen[bytes], deadline_s: fl
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": broker.bootstrap, "log_level": 0, "logger": _quiet_logger()})
+    # Quiet (log_level 0: no line at all while the broker starts), and with no Python callback: a client
+    # that calls into Python from librdkafka's threads is what a destroy can end up waiting on.
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap, "log_level": 0})
     deadline = time.monotonic() + deadline_s
     last_error = "no answer yet"
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise BrokerError(
-                f"the broker exited with status {process.returncode} before it was ready\n{broker.log_tail()}"
-            )
-        try:
-            metadata = admin.list_topics(timeout=2)
-            if metadata.brokers and _groups_ready(admin):
-                return
-            last_error = "group coordinators still loading"
-        except KafkaException as error:
-            last_error = str(error)
-        time.sleep(READY_POLL_S)
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise BrokerError(
+                    f"the broker exited with status {process.returncode} before it was ready\n"
+                    f"{broker.log_tail()}"
+                )
+            try:
+                metadata = admin.list_topics(timeout=2)
+                if metadata.brokers and _groups_ready(admin):
+                    return
+                last_error = "group coordinators still loading"
+            except KafkaException as error:
+                last_error = str(error)
+            time.sleep(READY_POLL_S)
+    finally:
+        # Destroyed here, while the broker runs (or has just died): a traceback of the failure keeps this
+        # frame, and with it a client whose destroy in some later garbage collection hung the test suite.
+        del admin
     raise BrokerError(
         f"the broker at {broker.bootstrap} did not answer metadata and group requests within "
         f"{deadline_s:.0f}s ({last_error})\n{broker.log_tail()}"
@@ -350,11 +358,14 @@ def _groups_ready(admin: AdminClient) -> bool:
     from confluent_kafka import KafkaException
 
     futures = admin.describe_consumer_groups(list(_READINESS_GROUPS), request_timeout=2)
-    try:
-        for future in futures.values():
-            future.result(timeout=5)
-    except KafkaException:
-        return False  # NOT_COORDINATOR, COORDINATOR_LOAD_IN_PROGRESS: not yet
+    for future in futures.values():
+        # exception(), not result(): a raised error's traceback would hold this frame, the frame the futures
+        # and so the error: a reference cycle keeping ``admin`` alive until some garbage collection.
+        error = future.exception(timeout=5)
+        if isinstance(error, KafkaException):
+            return False  # NOT_COORDINATOR, COORDINATOR_LOAD_IN_PROGRESS: not yet
+        if error is not None:
+            raise error
     return True
 
 
@@ -379,15 +390,6 @@ def _readiness_groups(partitions: int) -> tuple[str, ...]:
 
 
 _READINESS_GROUPS = _readiness_groups(OFFSETS_PARTITIONS)
-
-
-def _quiet_logger() -> object:
-    import logging
-
-    logger = logging.getLogger("tools.kafka_local.admin")
-    logger.addHandler(logging.NullHandler())
-    logger.propagate = False
-    return logger
 
 
 def stop(broker: Broker, grace_s: float = STOP_GRACE_S) -> None:

@@ -83,14 +83,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _create_topics(bootstrap: str) -> None:
     admin = AdminClient({"bootstrap.servers": bootstrap})
-    existing = admin.list_topics(timeout=10).topics
-    wanted = [
-        NewTopic(name, num_partitions=parts, replication_factor=1)
-        for name, parts in ((TOPIC, 6), (f"{TOPIC}.dlq", 1))
-        if name not in existing
-    ]
-    for future in admin.create_topics(wanted).values() if wanted else ():
-        future.result(timeout=30)
+    try:
+        existing = admin.list_topics(timeout=10).topics
+        wanted = [
+            NewTopic(name, num_partitions=parts, replication_factor=1)
+            for name, parts in ((TOPIC, 6), (f"{TOPIC}.dlq", 1))
+            if name not in existing
+        ]
+        for future in admin.create_topics(wanted).values() if wanted else ():
+            future.result(timeout=30)
+    finally:
+        del admin  # destroyed now, while the broker is up (it has no close())
 
 
 def _start_relay(

@@ -138,8 +138,7 @@ def run(args: argparse.Namespace) -> int:
     say(f"logs and configurations in {run_dir}")
     ok = False
     with broker() as bootstrap:
-        # Quiet: once the run is over, a broker this run started goes away before the client does.
-        topics = Topics(AdminClient({"bootstrap.servers": bootstrap, "log_level": 0}))
+        topics = Topics(AdminClient({"bootstrap.servers": bootstrap}))
         try:
             with RegistryDouble() as registry:
                 topic = topics.create("backlog", PARTITIONS)
@@ -166,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
             ok = True
         finally:
             topics.delete_all()
+            del topics  # and with it the admin client, destroyed now, while the broker is still up
             if ok and not args.keep_files:
                 shutil.rmtree(run_dir, ignore_errors=True)
             else:

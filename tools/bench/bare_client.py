@@ -44,11 +44,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def read_requests(setup: Setup, records: int, deadline: float) -> list[Request]:
     """The single-mode requests of the first ``records`` records, as the relay would encode them."""
-    consumer = Consumer(consumer_config(setup.config.settings))
-    consumer.subscribe([setup.topic])
     requests: list[Request] = []
     seen = 0
+    consumer = Consumer(consumer_config(setup.config.settings))
     try:
+        consumer.subscribe([setup.topic])
         while seen < records:
             if time.monotonic() > deadline:
                 raise SystemExit(f"bare client: read {seen:,} of {records:,} records before the deadline")

@@ -36,14 +36,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = arguments.parse_args(argv)
     setup = Setup(args.config)
     settings = setup.config.settings
-    consumer = Consumer(consumer_config(settings))
-    consumer.subscribe([setup.topic])
-    work = _decode_only(setup) if args.stage == "decode" else _intake_stage(setup, consumer)
     batch = settings.kafka.consume_batch
     deadline = time.monotonic() + args.deadline_s
     seen = 0
     start: tuple[float, float, int] | None = None
+    consumer = Consumer(consumer_config(settings))
     try:
+        consumer.subscribe([setup.topic])
+        work = _decode_only(setup) if args.stage == "decode" else _intake_stage(setup, consumer)
         while seen < args.warmup + args.count:
             if time.monotonic() > deadline:
                 raise SystemExit(f"ceiling: {seen:,} records within {args.deadline_s:.0f}s")

@@ -35,13 +35,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "enable.auto.commit": False,
         }
     )
-    consumer.subscribe([setup.topic])
     session = requests.Session()
     urls = {key: str(url) for key, url in setup.urls.items()}
     deadline = time.monotonic() + args.deadline_s
     done = failed = 0
     started = time.perf_counter()
     try:
+        consumer.subscribe([setup.topic])
         while done < args.records and time.monotonic() < deadline:
             message = consumer.poll(1.0)
             if message is None or message.error() is not None:

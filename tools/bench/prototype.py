@@ -50,14 +50,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def run(setup: Setup, limit: int, in_flight: int, deadline: float) -> tuple[int, int]:
-    consumer = Consumer(consumer_config(setup.config.settings))
-    consumer.subscribe([setup.topic])
     urls = {shop: setup.urls[shop, BATCH_METHOD] for shop, _ in setup.urls}
     slots = asyncio.Semaphore(in_flight)
     tasks: set[asyncio.Task[int]] = set()
     records = failed = 0
     batch = setup.config.settings.kafka.consume_batch
+    consumer = Consumer(consumer_config(setup.config.settings))
     try:
+        consumer.subscribe([setup.topic])
         async with aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=in_flight * len(urls)), headers=HEADERS
         ) as session:

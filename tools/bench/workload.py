@@ -22,6 +22,7 @@ from typing import Any, Final
 from confluent_kafka import KafkaError, Message, Producer
 from pydantic import SecretStr
 
+from consumer.clients import close_producer
 from consumer.config import ShopConfig
 from consumer.decode import DomainEvent, registry_client
 from consumer.sample import TrafficGenerator, build_encoder
@@ -104,21 +105,24 @@ def produce_backlog(
     started = time.monotonic()
     mix: Counter[str] = Counter()
     calls = value_bytes = produced = 0
-    while produced < count:
-        size = min(10_000, count - produced)
-        for type_name, fields in generator.events(size):
-            value = encoder.encode(type_name, fields)
-            calls += len(translator.translate(DomainEvent(type_name, fields)))
-            mix[type_name] += 1
-            value_bytes += len(value)
-            _produce(producer, topic, fields["sessionId"].encode(), value, report)
-        produced += size
-        producer.poll(0)
-        if failures:
-            raise BenchError(f"producing to {topic} failed: {failures[0]}")
-        if on_progress is not None:
-            on_progress(produced)
-    remaining = producer.flush(PRODUCE_DEADLINE_S)
+    try:
+        while produced < count:
+            size = min(10_000, count - produced)
+            for type_name, fields in generator.events(size):
+                value = encoder.encode(type_name, fields)
+                calls += len(translator.translate(DomainEvent(type_name, fields)))
+                mix[type_name] += 1
+                value_bytes += len(value)
+                _produce(producer, topic, fields["sessionId"].encode(), value, report)
+            produced += size
+            producer.poll(0)
+            if failures:
+                raise BenchError(f"producing to {topic} failed: {failures[0]}")
+            if on_progress is not None:
+                on_progress(produced)
+        remaining = producer.flush(PRODUCE_DEADLINE_S)
+    finally:
+        close_producer(producer, 0)  # flushed above unless it failed: whatever is left is purged
     registry.close()
     if remaining or failures:
         raise BenchError(f"producing to {topic}: {remaining} unacknowledged, failures: {failures[:3]}")
