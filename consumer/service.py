@@ -298,6 +298,7 @@ class Relay:
                 lambda: self.ledger.in_flight - self._suspect_count(),
                 self.config.settings.delivery.shutdown_grace_s,
             )
+        released_before_close = self.ledger.released_unsettled
         self.intake.close()
         assert self._intake_stopped is not None
         await self._intake_stopped
@@ -305,7 +306,8 @@ class Relay:
             "relay.stopped",
             delivered=self.delivered,
             dead_lettered=self.dead_lettered,
-            unsettled=self.ledger.in_flight,
+            # Left for the next owner: what the closing revoke released unsettled, and anything not released.
+            unsettled=self.ledger.released_unsettled - released_before_close + self.ledger.in_flight,
         )
 
     async def _drain(self, remaining: Callable[[], int], grace_s: float) -> None:
