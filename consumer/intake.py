@@ -2,9 +2,9 @@
 
 librdkafka's consumer is not shared between threads, and its rebalance callbacks run inside ``consume()`` on
 the thread that called it. So this thread does everything that touches the consumer — consume, decode and
-translate each batch of records (plain function calls), pause and resume, store offsets for auto-commit,
-commit on revoke — and hands finished batches of :class:`Record` to the event loop with one
-``call_soon_threadsafe`` per batch, never per record.
+translate each batch of records (plain function calls), pause and resume, commit settled positions
+(``consumer.commit``: periodically, on revoke, at close) — and hands finished batches of :class:`Record`
+to the event loop with one ``call_soon_threadsafe`` per batch, never per record.
 
 A revoke must wait for in-flight HTTP calls without blocking what completes them: the callback asks the
 loop to release the partitions (a coroutine that waits up to the grace period) and blocks only this
@@ -29,6 +29,7 @@ import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 
+from consumer.commit import Committer
 from consumer.config import DeliveryMode, Settings, UnknownEventPolicy
 from consumer.contract import SINGLE_METHODS, TrackingCall
 from consumer.decode import Decoder, UnknownEventType
@@ -70,9 +71,9 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
         "bootstrap.servers": kafka.bootstrap_servers,
         "group.id": kafka.group_id,
         "partition.assignment.strategy": "cooperative-sticky",
-        "enable.auto.offset.store": False,  # only settled records are stored ...
-        "enable.auto.commit": True,  # ... and what is stored is committed in the background
-        "auto.commit.interval.ms": kafka.commit_interval_ms,
+        # Nothing is stored or committed behind the relay's back: consumer.commit commits settled positions.
+        "enable.auto.offset.store": False,
+        "enable.auto.commit": False,
         "auto.offset.reset": kafka.client.get("auto.offset.reset", "earliest"),
         "enable.partition.eof": False,
         "queued.max.messages.kbytes": kafka.queued_max_messages_kbytes,
@@ -121,6 +122,7 @@ class Intake:
         self._generation: dict[TopicPartition, int] = {}
         self._assigned: set[TopicPartition] = set()
         self._paused_for_load = False
+        self._committer = Committer(settings.kafka.commit_interval_ms / 1000)
         self._currently_paused: set[TopicPartition] = set()
         self._draining = False
         self._closing = False
@@ -182,7 +184,10 @@ class Intake:
             )
             while not self._stop.is_set():
                 self._iteration(consumer)
-            self._store_positions(consumer)
+            # close() revokes every partition, and the revoke commits each one's final position; this
+            # commits what settled meanwhile in case no revoke comes (the group was left already).
+            self._committer.note(self._ledger.take_positions())
+            self._committer.commit_now(consumer, self._owned())
         except BaseException as exc:  # noqa: BLE001 - reported to the loop, which stops the service
             error = exc
         finally:
@@ -192,7 +197,7 @@ class Intake:
 
     def _iteration(self, consumer: Consumer) -> None:
         self.last_poll = time.monotonic()
-        self._store_positions(consumer)
+        self._commit_positions(consumer)
         self._apply_pause(consumer)
         messages = consumer.consume(num_messages=self._settings.kafka.consume_batch, timeout=POLL_TIMEOUT_S)
         if self._lag_refresh_due:
@@ -359,22 +364,16 @@ class Intake:
                 consumer.resume([KafkaTopicPartition(t, p) for t, p in to_resume])
             self._currently_paused = wanted_paused & self._assigned
 
-    def _store_positions(self, consumer: Consumer) -> None:
+    def _owned(self) -> dict[TopicPartition, int]:
+        """The generation of each partition this consumer owns now."""
+        generation = self._generation
+        return {tp: generation[tp] for tp in self._assigned}
+
+    def _commit_positions(self, consumer: Consumer) -> None:
         positions = self._ledger.take_positions()
-        if not positions:
-            return
-        offsets = [
-            KafkaTopicPartition(tp[0], tp[1], offset)
-            for tp, (generation, offset) in positions.items()
-            if tp in self._assigned and self._generation.get(tp) == generation
-        ]
-        if offsets:
-            try:
-                consumer.store_offsets(offsets=offsets)
-            except KafkaException as exc:
-                # A partition revoked between the loop's settle and this store: its final position was
-                # committed by the revoke already.
-                log.debug("intake.store_skipped", reason=str(exc))
+        if positions:
+            self._committer.note(positions)
+        self._committer.commit_due(consumer, self._owned())
 
     # --- librdkafka callbacks (run inside consume()/close() on this thread) ---------------------------
 
@@ -441,22 +440,21 @@ class Intake:
         except (FutureTimeout, RuntimeError, asyncio.CancelledError) as exc:
             log.error("intake.release_failed", partitions=_names(partitions), error=repr(exc))
             positions = {}
+        final = {tp: (self._generation.get(tp, 0), positions.get(tp)) for tp in tps}
         self._forget(tps)
-        offsets = [KafkaTopicPartition(t, p, pos) for (t, p), pos in positions.items() if pos is not None]
-        if offsets:
-            try:
-                consumer.commit(offsets=offsets, asynchronous=False)
-            except KafkaException as exc:
-                log.error("intake.revoke_commit_failed", partitions=_names(partitions), error=str(exc))
+        # The final commit of these partitions; the committer commits nothing more for this generation.
+        held = self._committer.commit_final(consumer, final, ask=not self._closing)
         log.info(
             "intake.revoked",
             partitions=_names(partitions),
-            committed={f"{t}[{p}]": pos for (t, p), pos in positions.items()},
+            # What the broker holds after the commit, asked of it: what the next owner starts from.
+            committed={f"{t}[{p}]": offset for (t, p), offset in held.items()},
         )
 
     def _on_lost(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
         self._forget(tps)
+        self._committer.forget(tps)
         # Another member may own these already: nothing of them is committed from here.
         self._loop.call_soon_threadsafe(self._listener.on_lost, tps)
         log.warning("intake.lost", partitions=_names(partitions))

@@ -8,8 +8,8 @@
                                                                         └─► dead-letter ─► settle
 
 Settlement decides commits: a record is settled when every call it implied was delivered, or when it was
-confirmed written to the dead-letter topic. The intake thread stores settled positions, librdkafka commits
-them; revokes and shutdown commit synchronously.
+confirmed written to the dead-letter topic. The intake thread commits settled positions (``consumer.commit``):
+periodically, and synchronously on revoke and at shutdown.
 
 Shutdown (SIGTERM): stop fetching, seal open batches, let in-flight records settle within
 ``delivery.shutdown_grace_s``, commit, leave the group, exit 0. A tripped dead-letter guard exits 3 without
