@@ -10,9 +10,12 @@ A revoke must wait for in-flight HTTP calls without blocking what completes them
 loop to release the partitions (a coroutine that waits up to the grace period) and blocks only this
 thread on the answer; the loop keeps delivering meanwhile.
 
-Backpressure: when the records in flight reach the cap, every assigned partition is paused (the backlog
-stays in Kafka, not in memory) until half of them have settled. The paused set is re-applied after each
-assignment, as librdkafka forgets it across a rebalance.
+Backpressure, shared fairly: the in-flight budget (``delivery.max_in_flight_records``) is split evenly
+between the partitions that have records in flight. A partition that reaches its share is paused (its
+backlog stays in Kafka, not in memory) until half of its share has settled; the others keep being fetched.
+So a partition with a backlog always holds a share of the records in flight, whichever partitions
+librdkafka's prefetch happens to favour, and the budget of idle partitions goes to the busy ones. The
+paused set is re-applied after each assignment, as librdkafka forgets it across a rebalance.
 """
 
 from __future__ import annotations
@@ -121,7 +124,8 @@ class Intake:
         self._backoff = Backoff(settings.retry)
         self._generation: dict[TopicPartition, int] = {}
         self._assigned: set[TopicPartition] = set()
-        self._paused_for_load = False
+        # Partitions paused because they hold their share of the in-flight budget (see _over_share).
+        self._loaded: set[TopicPartition] = set()
         self._committer = Committer(settings.kafka.commit_interval_ms / 1000)
         self._currently_paused: set[TopicPartition] = set()
         self._draining = False
@@ -340,19 +344,9 @@ class Intake:
     # --- pause, resume, offsets ----------------------------------------------------------------------
 
     def _apply_pause(self, consumer: Consumer) -> None:
-        in_flight = self._ledger.in_flight
-        if not self._paused_for_load and (in_flight >= self._cap or self._draining):
-            self._paused_for_load = True
-            log.debug("intake.paused", in_flight=in_flight)
-        elif self._paused_for_load and in_flight <= self._cap // 2 and not self._draining:
-            self._paused_for_load = False
-            log.debug("intake.resumed", in_flight=in_flight)
         now = time.monotonic()
-        wanted_paused = (
-            set(self._assigned)
-            if self._paused_for_load
-            else {tp for tp, (resume_at, _) in self._decode_retry.items() if resume_at > now}
-        )
+        wanted_paused = set(self._assigned) if self._draining else self._over_share()
+        wanted_paused |= {tp for tp, (resume_at, _) in self._decode_retry.items() if resume_at > now}
         wanted_paused |= self.held | self._finished
         current = self._currently_paused
         if wanted_paused != current:
@@ -363,6 +357,28 @@ class Intake:
             if to_resume:
                 consumer.resume([KafkaTopicPartition(t, p) for t, p in to_resume])
             self._currently_paused = wanted_paused & self._assigned
+
+    def _over_share(self) -> set[TopicPartition]:
+        """The partitions that hold their share of the in-flight budget, to be paused.
+
+        The share is the cap split evenly between the partitions with records in flight (at least one), so
+        that idle partitions lend theirs to busy ones. A partition is paused on reaching its share and
+        resumed once it is down to half of it. A partition with nothing in flight is never paused here: it
+        may always take one consume() batch, so the records in flight exceed the cap only by what partitions
+        coming out of idleness take before the others' shares shrink to make room for them.
+        """
+        unsettled = self._ledger.unsettled_by_partition()
+        assigned = self._assigned
+        busy = [tp for tp, count in unsettled.items() if count > 0 and tp in assigned]
+        share = max(1, self._cap // max(1, len(busy)))
+        loaded = self._loaded
+        for tp in list(loaded):
+            if unsettled.get(tp, 0) <= share // 2 or tp not in assigned:
+                loaded.discard(tp)
+        for tp in busy:
+            if unsettled[tp] >= share:
+                loaded.add(tp)
+        return set(loaded)
 
     def _owned(self) -> dict[TopicPartition, int]:
         """The generation of each partition this consumer owns now."""
