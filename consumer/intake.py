@@ -68,9 +68,11 @@ class IntakeListener(Protocol):
 
 def consumer_config(settings: Settings) -> dict[str, Any]:
     kafka = settings.kafka
+    static = {"group.instance.id": kafka.group_instance_id} if kafka.group_instance_id else {}
     return {
         # The user's pass-through settings first, so the ones below that the guarantees rest on win.
         **kafka.client,
+        **static,
         "bootstrap.servers": kafka.bootstrap_servers,
         "group.id": kafka.group_id,
         "partition.assignment.strategy": "cooperative-sticky",

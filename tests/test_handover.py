@@ -168,6 +168,75 @@ def test_a_stop_with_records_left_behind_reports_exactly_how_many(
     assert revoked["committed"] == {f"{topic}[0]": min(held)}, "the revoke logs what the broker holds"
 
 
+def test_a_static_member_killed_and_restarted_gets_its_partitions_back_at_once(
+    kafka_bootstrap: str,
+    registry: RegistryDouble,
+    emulator: EmulatorThread,
+    relays: Callable[..., RelayProcess],
+    stack: Stack,
+) -> None:
+    per_partition, session_timeout_s = 2000, 30
+    records = numbered_views(registry_client(registry.url), dict.fromkeys(range(PARTITIONS), per_partition))
+    expected = {(p, o) for p in range(PARTITIONS) for o in range(per_partition)}
+    emulator.set_faults(Faults(latency_ms=20, latency_jitter_ms=20))
+    topic = stack.topic("static", partitions=PARTITIONS)
+    group = unique_name("group")
+    produce(kafka_bootstrap, topic, records)
+    # A dynamic member restarted after kill -9 would wait for this session timeout before it got anything.
+    config = stack.config(
+        [topic],
+        group=group,
+        sections={
+            "kafka": {
+                "group_instance_id": "relay-0",
+                "client": {"session.timeout.ms": session_timeout_s * 1000, "heartbeat.interval.ms": 1000},
+            },
+            "delivery": {"max_in_flight_records": 600, "max_concurrent_batches": 2, "batch_max_events": 50},
+        },
+    )
+    first = relays(config, name="first")
+    wait_for(
+        lambda: emulator.counters["events_accepted"] >= 3000, deadline_s=60, what="deliveries under load"
+    )
+    first.kill()
+    committed_at_kill = committed_offsets(kafka_bootstrap, group, topic, PARTITIONS)
+
+    restarted_at = time.time()
+    second = relays(config, name="restarted")
+    assigned = wait_for(
+        lambda: second.log_events("intake.assigned"), deadline_s=session_timeout_s, what="assigned"
+    )
+    assigned_at = _log_time(assigned[0])
+    # The killed member's last calls reached the emulator within its latency; the restarted one can send
+    # nothing before it is assigned: what arrived before that is the first member's.
+    delivered_before = {record for event, record in _arrivals(emulator) if event < assigned_at}
+    first_new = wait_for(
+        lambda: next((at for at, _ in _arrivals(emulator) if at >= assigned_at), None),
+        deadline_s=session_timeout_s,
+        what="the restarted member's first delivery",
+    )
+    got = _wait_all(emulator, expected, [second])
+    assert second.terminate() == 0
+
+    to_assignment, to_delivery = assigned_at - restarted_at, first_new - restarted_at
+    uncommitted = {(p, o) for p, o in delivered_before if o >= committed_at_kill[p]}
+    duplicates = sum((got - Counter(expected)).values())
+    print(
+        f"restart -> assigned {to_assignment:.2f}s, -> first delivery {to_delivery:.2f}s "
+        f"(session timeout {session_timeout_s}s); duplicates {duplicates}, delivered-not-committed at kill "
+        f"{len(uncommitted)}"
+    )
+    assert len(assigned) == 1
+    assert assigned[0]["partitions"] == [f"{topic}[{p}]" for p in range(PARTITIONS)], "all its partitions"
+    assert to_assignment < 10, "back at once, not after the session timeout"
+    assert to_delivery < 10
+    assert set(got) == expected, "nothing lost"
+    assert duplicates <= len(uncommitted), "only what was delivered but not yet committed is sent again"
+    assert committed_offsets(kafka_bootstrap, group, topic, PARTITIONS) == end_offsets(
+        kafka_bootstrap, topic, PARTITIONS
+    )
+
+
 def _arrivals(emulator: EmulatorThread) -> list[tuple[float, tuple[int, int]]]:
     from tests.relay import NUMBERED
 
