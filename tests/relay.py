@@ -228,6 +228,19 @@ def _sent_calls(events: Iterable[tuple[str, dict[str, Any]]]) -> Iterator[Tracki
         yield from (call for index, call in enumerate(calls) if index not in bad)
 
 
+def calls_per_record(events: Iterable[tuple[str, dict[str, Any]]]) -> list[list[tuple[str, str, bytes]]]:
+    """For each event, the calls it should put at the emulator, as :func:`expected_calls` counts them."""
+    translator = Translator(test_shops())
+    found = []
+    for name, fields in events:
+        calls, rejected = translator.translate_partial(DomainEvent(name, fields))
+        bad = {index for index, _ in rejected}
+        found.append(
+            [(SHOPS[c.shop][0], c.method, canonical(c.body)) for i, c in enumerate(calls) if i not in bad]
+        )
+    return found
+
+
 def expected_calls(events: Iterable[tuple[str, dict[str, Any]]]) -> Counter[tuple[str, str, bytes]]:
     """What the emulator should hold for these events: (partnerId, method, canonical body) with counts."""
     return Counter((SHOPS[call.shop][0], call.method, canonical(call.body)) for call in _sent_calls(events))
