@@ -83,34 +83,43 @@ class Committer:
     ) -> dict[TopicPartition, int | None]:
         """A revoke: commit each partition's final position synchronously, then commit nothing more for it.
 
-        ``final``: ``{tp: (generation, position or None)}``. Returns what the broker holds afterwards per
-        partition (``None``: no committed offset): the offsets it acknowledged for this commit, and for a
-        partition with nothing new to commit, its answer when asked (``ask``; not while the consumer closes,
-        when librdkafka no longer serves the question) or else the last offset committed from here.
+        ``final``: ``{tp: (generation, position or None)}``. The final position is committed even when it
+        was committed before (an asynchronous commit may have failed since), so what the broker acknowledges
+        is what it holds. Returns that per partition (``None``: no committed offset); for a partition with no
+        position (nothing consumed), or when the commit failed, the broker's answer when asked (``ask``; not
+        while the consumer closes, when librdkafka no longer serves the question), else ``None``.
         """
         offsets = []
         for tp, (generation, position) in final.items():
             self._due.pop(tp, None)
-            if position is not None and self._advances(tp, generation, position):
+            if position is not None and not self._behind(tp, generation, position):
                 offsets.append(KafkaTopicPartition(tp[0], tp[1], position))
-                self._committed[tp] = (generation, position)
             self._sealed[tp] = generation
         held: dict[TopicPartition, int | None] = {}
         if offsets:
             try:
-                acknowledged = consumer.commit(offsets=offsets, asynchronous=False)
+                acknowledged = _offsets(consumer.commit(offsets=offsets, asynchronous=False))
             except KafkaException as exc:
                 log.error("intake.revoke_commit_failed", partitions=_names(final), error=str(exc))
             else:
-                held.update(_offsets(acknowledged))
+                held.update(acknowledged)
+                for tp, offset in acknowledged.items():
+                    self._committed[tp] = (final[tp][0], offset)
         rest = [tp for tp in final if tp not in held]
         if rest and ask:
             held.update(self.held(consumer, rest))
-        for tp in rest:
-            if tp not in held:
-                known = self._committed.get(tp)
-                held[tp] = known[1] if known is not None and known[0] == final[tp][0] else None
-        return {tp: held[tp] for tp in final}
+        return {tp: held.get(tp) for tp in final}
+
+    def failed(self, partitions: Iterable[KafkaTopicPartition]) -> None:
+        """An asynchronous commit of these offsets failed: they are due again (unless overtaken or sealed)."""
+        for partition in partitions:
+            tp = (partition.topic, partition.partition)
+            known = self._committed.get(tp)
+            if known is None or known[1] != partition.offset:
+                continue  # a later commit was sent since: it carries a position at least as far
+            del self._committed[tp]
+            if self._sealed.get(tp) != known[0]:
+                self.note({tp: known})
 
     def held(
         self, consumer: Consumer, partitions: Iterable[TopicPartition]
@@ -148,6 +157,11 @@ class Committer:
         """Whether ``offset`` is past everything committed for this partition's generation."""
         known = self._committed.get(tp)
         return known is None or known[0] != generation or offset > known[1]
+
+    def _behind(self, tp: TopicPartition, generation: int, offset: int) -> bool:
+        """Whether ``offset`` is before something committed for this partition's generation."""
+        known = self._committed.get(tp)
+        return known is not None and known[0] == generation and offset < known[1]
 
 
 def _offsets(partitions: list[KafkaTopicPartition]) -> dict[TopicPartition, int]:

@@ -429,7 +429,12 @@ class Intake:
     def _on_commit(self, error: KafkaError | None, partitions: list[KafkaTopicPartition]) -> None:
         if error is not None:
             log.warning("intake.commit_failed", error=error.str())
+            self._committer.failed(partitions)
             return
+        refused = [partition for partition in partitions if partition.error is not None]
+        if refused:
+            log.warning("intake.commit_failed", partitions=_names(refused), error=str(refused[0].error))
+            self._committer.failed(refused)
         now = time.time()
         for partition in partitions:
             if partition.error is None and partition.offset >= 0:

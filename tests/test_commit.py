@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions
 from confluent_kafka import TopicPartition as KafkaTopicPartition
+from confluent_kafka.admin import AdminClient
 
 from consumer.commit import Committer
 from tests.kafka import Topics, committed_offsets, unique_name, wait_for
@@ -95,3 +96,32 @@ def test_a_revoke_with_nothing_settled_reports_no_committed_offset(topics: Topic
     client.assign([KafkaTopicPartition(topic, 0)])
     client.pause(client.assignment())
     assert Committer(1.0).commit_final(client, {(topic, 0): (1, None)}) == {(topic, 0): None}
+
+
+def _rewind(kafka_admin: AdminClient, group: str, topic: str, offset: int) -> None:
+    """Move the group's offset behind the committer's back: what a commit lost on the way looks like."""
+    request = ConsumerGroupTopicPartitions(group, [KafkaTopicPartition(topic, 0, offset)])
+    kafka_admin.alter_consumer_group_offsets([request])[group].result(timeout=30)
+
+
+def test_a_failed_commit_is_due_again_and_a_revoke_commits_its_final_position_whatever_was_sent(
+    kafka_bootstrap: str, kafka_admin: AdminClient, topics: Topics, group: str, client: Consumer
+) -> None:
+    topic = topics.create("lost", partitions=1)
+    tp = (topic, 0)
+    client.assign([KafkaTopicPartition(topic, 0)])
+    client.pause(client.assignment())
+    clock = Clock()
+    committer = Committer(1.0, clock)
+
+    committer.note({tp: (1, 10)})
+    committer.commit_now(client, {tp: 1})
+    _rewind(kafka_admin, group, topic, 3)
+    committer.failed([KafkaTopicPartition(topic, 0, 10)])  # as the commit callback reports a refusal
+    clock.now = 1.0
+    committer.commit_due(client, {tp: 1})
+    wait_for(lambda: committed_offsets(kafka_bootstrap, group, topic, 1) == {0: 10}, what="10 again")
+
+    _rewind(kafka_admin, group, topic, 3)
+    assert committer.commit_final(client, {tp: (1, 10)}) == {tp: 10}, "sent again, though sent before"
+    assert committed_offsets(kafka_bootstrap, group, topic, 1) == {0: 10}
