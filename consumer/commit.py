@@ -14,11 +14,12 @@ asynchronous commit sent before the revoke's synchronous one cannot overtake it.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 
 import structlog
-from confluent_kafka import Consumer, KafkaException
+from confluent_kafka import Consumer, KafkaError, KafkaException
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 
 from consumer.record import TopicPartition
@@ -27,6 +28,8 @@ log = structlog.get_logger(__name__)
 
 #: How long the revoke's look at what the broker holds may take.
 COMMITTED_QUERY_TIMEOUT_S = 5.0
+#: A commit refused for these is refused only until the group's rebalance is through.
+REFUSED_DURING_REBALANCE = frozenset((KafkaError.REBALANCE_IN_PROGRESS, KafkaError.ILLEGAL_GENERATION))
 
 
 class Committer:
@@ -42,6 +45,8 @@ class Committer:
         self._committed: dict[TopicPartition, tuple[int, int]] = {}
         #: tp -> generation whose final commit was made: nothing more is committed for it
         self._sealed: dict[TopicPartition, int] = {}
+        #: tp -> (generation, offset) the broker acknowledged last
+        self._confirmed: dict[TopicPartition, tuple[int, int]] = {}
 
     def note(self, positions: Mapping[TopicPartition, tuple[int, int]]) -> None:
         """Positions the ledger reached (``{tp: (generation, offset)}``), to be committed when due."""
@@ -65,14 +70,23 @@ class Committer:
                 # Not committed now: the next interval commits a position at least as far.
                 log.warning("intake.commit_failed", error=str(exc))
 
-    def commit_now(self, consumer: Consumer, current: Mapping[TopicPartition, int]) -> None:
-        """Commit what is due synchronously (the close, when no revoke will come)."""
+    def commit_now(self, consumer: Consumer, current: Mapping[TopicPartition, int]) -> bool:
+        """Commit what is due synchronously (shutdown). False when a rebalance in progress refused it: the
+        offsets are due again, to be committed once the rebalance is through."""
         offsets = self._take(current)
-        if offsets:
-            try:
-                consumer.commit(offsets=offsets, asynchronous=False)
-            except KafkaException as exc:
-                log.error("intake.commit_failed", error=str(exc))
+        if not offsets:
+            return True
+        try:
+            acknowledged = _offsets(consumer.commit(offsets=offsets, asynchronous=False))
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            retry = error is not None and error.code() in REFUSED_DURING_REBALANCE
+            log.log(logging.WARNING if retry else logging.ERROR, "intake.commit_failed", error=str(exc))
+            self.failed(offsets)
+            return not retry
+        for tp, offset in acknowledged.items():
+            self._confirmed[tp] = (current[tp], offset)
+        return True
 
     def commit_final(
         self,
@@ -104,11 +118,24 @@ class Committer:
             else:
                 held.update(acknowledged)
                 for tp, offset in acknowledged.items():
-                    self._committed[tp] = (final[tp][0], offset)
+                    self._committed[tp] = self._confirmed[tp] = (final[tp][0], offset)
         rest = [tp for tp in final if tp not in held]
         if rest and ask:
             held.update(self.held(consumer, rest))
+        for tp in rest:
+            confirmed = self._confirmed.get(tp)
+            if held.get(tp) is None and confirmed is not None and confirmed[0] == final[tp][0]:
+                held[tp] = confirmed[1]  # acknowledged by an earlier commit of this generation
         return {tp: held.get(tp) for tp in final}
+
+    def confirm(
+        self, partitions: Iterable[KafkaTopicPartition], generation: Mapping[TopicPartition, int]
+    ) -> None:
+        """The broker acknowledged these offsets (an asynchronous commit's report)."""
+        for partition in partitions:
+            tp = (partition.topic, partition.partition)
+            if tp in generation:
+                self._confirmed[tp] = (generation[tp], partition.offset)
 
     def failed(self, partitions: Iterable[KafkaTopicPartition]) -> None:
         """An asynchronous commit of these offsets failed: they are due again (unless overtaken or sealed)."""

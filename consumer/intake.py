@@ -190,10 +190,7 @@ class Intake:
             )
             while not self._stop.is_set():
                 self._iteration(consumer)
-            # close() revokes every partition, and the revoke commits each one's final position; this
-            # commits what settled meanwhile in case no revoke comes (the group was left already).
-            self._committer.note(self._ledger.take_positions())
-            self._committer.commit_now(consumer, self._owned())
+            self._commit_before_close(consumer)
         except BaseException as exc:  # noqa: BLE001 - reported to the loop, which stops the service
             error = exc
         finally:
@@ -212,6 +209,23 @@ class Intake:
             records = self._prepare(consumer, messages)
             if records:
                 self._loop.call_soon_threadsafe(self._listener.on_records, records)
+
+    def _commit_before_close(self, consumer: Consumer) -> None:
+        """Commit what settled before close() (whose revoke commits again, or may not come at all).
+
+        A stop in the middle of a rebalance (a member joined a moment ago) finds the group refusing commits
+        until the rebalance is through: keep serving it, every partition paused, within the revoke grace,
+        and commit then; closing at once would leave the settled records to be sent again.
+        """
+        deadline = time.monotonic() + max(self._settings.delivery.revoke_grace_s, POLL_TIMEOUT_S)
+        self._committer.note(self._ledger.take_positions())
+        while not self._committer.commit_now(consumer, self._owned()):
+            if time.monotonic() > deadline:
+                log.error("intake.final_commit_abandoned", partitions=len(self._assigned))
+                return
+            self._apply_pause(consumer)
+            consumer.consume(num_messages=self._settings.kafka.consume_batch, timeout=POLL_TIMEOUT_S)
+            self._committer.note(self._ledger.take_positions())
 
     def _close_consumer(self, consumer: Consumer) -> None:
         # close() revokes every partition through _on_revoke, which commits each one's settled position.
@@ -436,9 +450,10 @@ class Intake:
             log.warning("intake.commit_failed", partitions=_names(refused), error=str(refused[0].error))
             self._committer.failed(refused)
         now = time.time()
-        for partition in partitions:
-            if partition.error is None and partition.offset >= 0:
-                self.commit_times[(partition.topic, partition.partition)] = now
+        acknowledged = [p for p in partitions if p.error is None and p.offset >= 0]
+        for partition in acknowledged:
+            self.commit_times[(partition.topic, partition.partition)] = now
+        self._committer.confirm(acknowledged, self._owned())
 
     # --- rebalance callbacks (run inside consume()/close() on this thread) ---------------------------
 
