@@ -50,7 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def run(setup: Setup, limit: int, in_flight: int, deadline: float) -> tuple[int, int]:
-    consumer = Consumer(consumer_config(setup.config.settings))
+    kafka = setup.config.settings.kafka
+    # The bare sketch stores offsets and lets librdkafka commit them (the relay commits them itself).
+    auto_commit = {"enable.auto.commit": True, "auto.commit.interval.ms": kafka.commit_interval_ms}
+    consumer = Consumer({**consumer_config(setup.config.settings), **auto_commit})
     consumer.subscribe([setup.topic])
     urls = {shop: setup.urls[shop, BATCH_METHOD] for shop, _ in setup.urls}
     slots = asyncio.Semaphore(in_flight)
