@@ -127,6 +127,11 @@ class TrackingConfig(_Frozen):
 class KafkaConfig(_Frozen):
     bootstrap_servers: str = "127.0.0.1:9092"
     group_id: str = "rr-relay"
+    #: Static group membership (``group.instance.id``): a stable name per process, such as the pod's name
+    #: (``RR_KAFKA__GROUP_INSTANCE_ID`` from the downward API or ``$HOSTNAME``). A member restarted within the
+    #: session timeout (``client."session.timeout.ms"``) gets its partitions back at once, without a
+    #: rebalance; one that stops for good keeps them unserved until that timeout. Unset: dynamic membership.
+    group_instance_id: str | None = Field(default=None, min_length=1, max_length=249)
     #: librdkafka settings passed through as they are (security.protocol, sasl.*, ssl.*, ...).
     client: dict[str, str | int | float | bool] = Field(default_factory=dict)
     #: Records fetched per consume() call: the unit of per-batch work on the intake thread.

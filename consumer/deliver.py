@@ -20,6 +20,11 @@ and the pools of senders/workers are fixed at start.
 Transient answers are retried here with backoff (``consumer.retry``) for as long as it takes, or until a
 configured maximum age, holding the ordering key; a batch answered 400 is re-sent as single calls, so only
 the events that really are bad fail.
+
+One shop's trouble does not take the pool from the others. While a call of a shop is retrying (the API
+answered it 429 or 5xx, or its circuit breaker is open), that call alone waits for the shop: another batch
+or record of the shop that gets a transient answer, or comes up meanwhile, is parked without a sender and
+queued again once the retrying call is done. Senders and workers stay free for the shops that answer.
 """
 
 from __future__ import annotations
@@ -52,6 +57,13 @@ Sleep = Callable[[float], Awaitable[object]]
 
 #: A ``Transient`` outcome that outlived ``retry.max_age_s`` is reported with this reason.
 EXPIRED: Final = "transient failure outlived retry.max_age_s"
+
+
+class _SteppedAside:
+    """Internal: a call got a transient answer while another call of its shop was retrying already."""
+
+
+STEPPED_ASIDE: Final = _SteppedAside()
 
 
 class Expired(Exception):
@@ -99,6 +111,8 @@ class _Caller:
         self.owns = owns
         self.clock = clock
         self.sleep = sleep
+        #: Shops with a call in its retry loop: the one call that waits for the shop.
+        self.retrying: set[str] = set()
 
     async def call(
         self,
@@ -108,66 +122,98 @@ class _Caller:
         timeout: float,
         records: list[Record],
         events: int = 1,
-    ) -> Outcome | None:
+        *,
+        may_step_aside: bool = False,
+    ) -> Outcome | _SteppedAside | None:
         """Send until the answer is final. ``None`` when every record was revoked meanwhile.
 
         ``events``: how many events the payload carries (a batch's size, for its metric).
+        ``may_step_aside``: on a transient answer while another call of the shop is retrying, return
+        :data:`STEPPED_ASIDE` (the caller parks the work) instead of retrying alongside it.
         """
         breaker = self.breakers[shop]
-        while True:
-            # admit() only ever waits while the breaker is open; skip the coroutine on the common path.
-            probe = await breaker.admit() if breaker.state == "open" else False
-            started = time.perf_counter()
-            outcome = await self.client.send_raw(shop, method, payload, timeout=timeout)
-            self.metrics.observe_request(shop, method, outcome.status, time.perf_counter() - started, events)
-            breaker.record(type(outcome) is Transient, probe)
-            if type(outcome) is not Transient:
-                return outcome
-            wall = time.time()  # failure times are reported (dead-letter headers): wall clock
-            for record in records:
-                record.note_failure(wall)
-            if self.backoff.expired(records[0].first_failure, wall):
-                raise Expired(outcome)
-            attempt = records[0].attempts
-            delay = self.backoff.delay(attempt, outcome.retry_after)
-            if outcome.retry_after is not None:
-                # The server named a time: no call to this shop before it, from any sender. The hold is
-                # on the client's clock (the one its rate limiters run on).
-                self.client.limiters[shop].hold_until(self.clock() + outcome.retry_after)
-            self.metrics.retries[shop] += 1
-            first = records[0]
-            log.debug(
-                "deliver.retry",
-                topic=first.tp[0],
-                partition=first.tp[1],
-                offset=first.offset,
-                shop=shop,
-                method=method,
-                status=outcome.status,
-                reason=outcome.reason,
-                attempt=attempt,
-                delay=round(delay, 3),
-            )
-            await self.sleep(delay)
-            if not any(self.owns(record) for record in records):
-                return None  # the partitions were revoked while we waited; the next owner sends them
+        retrier = False
+        try:
+            while True:
+                # admit() only ever waits while the breaker is open; skip the coroutine on the common path.
+                probe = await breaker.admit() if breaker.state == "open" else False
+                started = time.perf_counter()
+                outcome = await self.client.send_raw(shop, method, payload, timeout=timeout)
+                elapsed = time.perf_counter() - started
+                self.metrics.observe_request(shop, method, outcome.status, elapsed, events)
+                breaker.record(type(outcome) is Transient, probe)
+                if type(outcome) is not Transient:
+                    return outcome
+                wall = time.time()  # failure times are reported (dead-letter headers): wall clock
+                for record in records:
+                    record.note_failure(wall)
+                if self.backoff.expired(records[0].first_failure, wall):
+                    raise Expired(outcome)
+                if not retrier:
+                    if may_step_aside and shop in self.retrying:
+                        return STEPPED_ASIDE
+                    retrier = shop not in self.retrying
+                    self.retrying.add(shop)
+                await self._wait_to_retry(shop, method, outcome, records)
+                if not any(self.owns(record) for record in records):
+                    return None  # the partitions were revoked while we waited; the next owner sends them
+        finally:
+            if retrier:
+                self.retrying.discard(shop)
 
-    async def deliver_singly(self, record: Record, timeout: float, *, encoded: bool) -> None:
+    async def _wait_to_retry(self, shop: str, method: str, outcome: Transient, records: list[Record]) -> None:
+        attempt = records[0].attempts
+        delay = self.backoff.delay(attempt, outcome.retry_after)
+        if outcome.retry_after is not None:
+            # The server named a time: no call to this shop before it, from any sender. The hold is
+            # on the client's clock (the one its rate limiters run on).
+            self.client.limiters[shop].hold_until(self.clock() + outcome.retry_after)
+        self.metrics.retries[shop] += 1
+        first = records[0]
+        log.debug(
+            "deliver.retry",
+            topic=first.tp[0],
+            partition=first.tp[1],
+            offset=first.offset,
+            shop=shop,
+            method=method,
+            status=outcome.status,
+            reason=outcome.reason,
+            attempt=attempt,
+            delay=round(delay, 3),
+        )
+        await self.sleep(delay)
+
+    async def deliver_singly(
+        self, record: Record, timeout: float, *, encoded: bool, may_step_aside: bool = False
+    ) -> bool:
         """Send a record's calls one by one, in order; permanent answers are noted on the record.
 
         ``encoded``: the record's payloads are bare bodies (single mode) and are sent as they are; batch
-        envelopes (a refused batch re-sent singly) are encoded again as bodies.
+        envelopes (a refused batch re-sent singly) are encoded again as bodies. ``may_step_aside``: its
+        first call may step aside (see :meth:`call`); then nothing was sent and False is returned.
         """
         for position, (index, call) in enumerate(record.sendable()):
             payload = record.payloads[position] if encoded else orjson.dumps(call.body)
+            shop = record.shop or call.shop
             try:
-                outcome = await self.call(record.shop or call.shop, call.method, payload, timeout, [record])
+                outcome = await self.call(
+                    shop,
+                    call.method,
+                    payload,
+                    timeout,
+                    [record],
+                    may_step_aside=may_step_aside and not position,
+                )
             except Expired as expired:
                 outcome = Permanent(expired.last.status, f"{EXPIRED}: {expired.last.reason}")
+            if outcome is STEPPED_ASIDE:
+                return False
             if outcome is None:
-                return
+                return True
             if type(outcome) is Permanent:
                 record.failed_calls.append(CallFailure(index, call.method, outcome.status, outcome.reason))
+        return True
 
 
 class _Batch:
@@ -228,6 +274,8 @@ class Dispatcher:
         # single mode: records ready to send, and the keys with a record in flight
         self._ready: asyncio.Queue[Record] = asyncio.Queue()
         self._busy: set[Hashable] = set()
+        # shop -> batches or records waiting, without a sender, for the shop's retrying call to be done
+        self._parked: dict[str, list[_Batch | Record]] = {}
         self.batches_sent = 0
 
     # --- lifecycle -----------------------------------------------------------------------------------
@@ -318,12 +366,18 @@ class Dispatcher:
     async def _batch_sender(self) -> None:
         while True:
             batch = await self._sealed.get()
+            if self._park(batch.shop, batch):
+                continue
+            parked = False
             try:
-                await self._send_batch(batch)
+                parked = await self._send_batch(batch)
             finally:
-                self._release_batch(batch)
+                if not parked:
+                    self._release_batch(batch)
+                self._unpark(batch.shop)
 
-    async def _send_batch(self, batch: _Batch) -> None:
+    async def _send_batch(self, batch: _Batch) -> bool:
+        """Send a batch and settle its records; True when it was parked instead (see the module doc)."""
         releases = self._releases
         if releases is not None and batch.releases == releases():
             records = batch.records  # every record was owned when placed, and nothing was released since
@@ -332,18 +386,21 @@ class Dispatcher:
             records = [record for record in batch.records if self._owns(record)]
             payloads = [p for record in records for p in record.payloads]
         if not records:
-            return
+            return False
         payload = b"[" + b",".join(payloads) + b"]"
         timeout = self._tracking.batch_timeout
         try:
             outcome = await self._caller.call(
-                batch.shop, BATCH_METHOD, payload, timeout, records, events=len(payloads)
+                batch.shop, BATCH_METHOD, payload, timeout, records, events=len(payloads), may_step_aside=True
             )
         except Expired as expired:
             outcome = Permanent(expired.last.status, f"{EXPIRED}: {expired.last.reason}")
         self.batches_sent += 1
+        if outcome is STEPPED_ASIDE:
+            self._parked.setdefault(batch.shop, []).append(batch)
+            return True
         if outcome is None:
-            return
+            return False
         if type(outcome) is Permanent and outcome.status == 400:
             # The batch as a whole was refused; find the bad events by sending each on its own.
             log.info("deliver.batch_rejected_resending_singly", shop=batch.shop, events=batch.count)
@@ -356,6 +413,7 @@ class Dispatcher:
                 )
         # Settlement checks ownership itself: a record revoked meanwhile is dropped there.
         self._done_many(records)
+        return False
 
     async def _resend_singly(self, records: list[Record]) -> None:
         """Re-send a refused batch's records one call at a time: keys in parallel, each key in order."""
@@ -370,6 +428,23 @@ class Dispatcher:
                 await self._caller.deliver_singly(record, timeout, encoded=False)
 
         await asyncio.gather(*(in_order(group) for group in by_key.values()))
+
+    def _park(self, shop: str, item: _Batch | Record) -> bool:
+        """Park ``item`` without sending it while a call of its shop is retrying."""
+        if shop not in self._caller.retrying:
+            return False
+        self._parked.setdefault(shop, []).append(item)
+        return True
+
+    def _unpark(self, shop: str) -> None:
+        """A call of ``shop`` is done: unless one still retries for it, queue the shop's parked work again."""
+        if shop in self._caller.retrying or shop not in self._parked:
+            return
+        for item in self._parked.pop(shop):
+            if isinstance(item, _Batch):
+                self._sealed.put_nowait(item)
+            else:
+                self._ready.put_nowait(item)
 
     def _release_batch(self, batch: _Batch) -> None:
         """The batch got its final answer: its keys are free, and their waiting records move on."""
@@ -403,15 +478,24 @@ class Dispatcher:
         timeout = self._tracking.single_timeout
         while True:
             record = await self._ready.get()
+            shop = record.shop or ""
+            if self._park(shop, record):
+                continue  # its key stays busy: the key's later records keep waiting behind it
             key = self._key_of(record)
+            parked = False
             try:
                 if self._owns(record):
-                    await self._caller.deliver_singly(record, timeout, encoded=True)
-                    if self._owns(record):
+                    if not await self._caller.deliver_singly(
+                        record, timeout, encoded=True, may_step_aside=True
+                    ):
+                        self._parked.setdefault(shop, []).append(record)
+                        parked = True
+                    elif self._owns(record):
                         self._done(record)
             finally:
-                if key is not None:
+                if key is not None and not parked:
                     self._next_of(key)
+                self._unpark(shop)
 
     def _next_of(self, key: Hashable) -> None:
         waiting = self._waiting.get(key)

@@ -2,17 +2,20 @@
 
 librdkafka's consumer is not shared between threads, and its rebalance callbacks run inside ``consume()`` on
 the thread that called it. So this thread does everything that touches the consumer — consume, decode and
-translate each batch of records (plain function calls), pause and resume, store offsets for auto-commit,
-commit on revoke — and hands finished batches of :class:`Record` to the event loop with one
-``call_soon_threadsafe`` per batch, never per record.
+translate each batch of records (plain function calls), pause and resume, commit settled positions
+(``consumer.commit``: periodically, on revoke, at close) — and hands finished batches of :class:`Record`
+to the event loop with one ``call_soon_threadsafe`` per batch, never per record.
 
 A revoke must wait for in-flight HTTP calls without blocking what completes them: the callback asks the
 loop to release the partitions (a coroutine that waits up to the grace period) and blocks only this
 thread on the answer; the loop keeps delivering meanwhile.
 
-Backpressure: when the records in flight reach the cap, every assigned partition is paused (the backlog
-stays in Kafka, not in memory) until half of them have settled. The paused set is re-applied after each
-assignment, as librdkafka forgets it across a rebalance.
+Backpressure, shared fairly: the in-flight budget (``delivery.max_in_flight_records``) is split evenly
+between the partitions that have records in flight. A partition that reaches its share is paused (its
+backlog stays in Kafka, not in memory) until half of its share has settled; the others keep being fetched.
+So a partition with a backlog always holds a share of the records in flight, whichever partitions
+librdkafka's prefetch happens to favour, and the budget of idle partitions goes to the busy ones. The
+paused set is re-applied after each assignment, as librdkafka forgets it across a rebalance.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 
+from consumer.commit import Committer
 from consumer.config import DeliveryMode, Settings, UnknownEventPolicy
 from consumer.contract import SINGLE_METHODS, TrackingCall
 from consumer.decode import Decoder, DomainEvent, UnknownEventType
@@ -73,15 +77,17 @@ class IntakeListener(Protocol):
 
 def consumer_config(settings: Settings) -> dict[str, Any]:
     kafka = settings.kafka
+    static = {"group.instance.id": kafka.group_instance_id} if kafka.group_instance_id else {}
     return {
         # The user's pass-through settings first, so the ones below that the guarantees rest on win.
         **kafka.client,
+        **static,
         "bootstrap.servers": kafka.bootstrap_servers,
         "group.id": kafka.group_id,
         "partition.assignment.strategy": "cooperative-sticky",
-        "enable.auto.offset.store": False,  # only settled records are stored ...
-        "enable.auto.commit": True,  # ... and what is stored is committed in the background
-        "auto.commit.interval.ms": kafka.commit_interval_ms,
+        # Nothing is stored or committed behind the relay's back: consumer.commit commits settled positions.
+        "enable.auto.offset.store": False,
+        "enable.auto.commit": False,
         "auto.offset.reset": kafka.client.get("auto.offset.reset", "earliest"),
         "enable.partition.eof": False,
         "queued.max.messages.kbytes": kafka.queued_max_messages_kbytes,
@@ -133,7 +139,9 @@ class Intake:
         self._backoff = Backoff(settings.retry)
         self._generation: dict[TopicPartition, int] = {}
         self._assigned: set[TopicPartition] = set()
-        self._paused_for_load = False
+        # Partitions paused because they hold their share of the in-flight budget (see _over_share).
+        self._loaded: set[TopicPartition] = set()
+        self._committer = Committer(settings.kafka.commit_interval_ms / 1000)
         self._currently_paused: set[TopicPartition] = set()
         self._draining = False
         self._closing = False
@@ -203,7 +211,7 @@ class Intake:
             )
             while not self._stop.is_set():
                 self._iteration(consumer)
-            self._store_positions(consumer)
+            self._commit_before_close(consumer)
         except BaseException as exc:  # noqa: BLE001 - reported to the loop, which stops the service
             error = exc
         finally:
@@ -214,7 +222,7 @@ class Intake:
 
     def _iteration(self, consumer: Consumer) -> None:
         self.last_poll = time.monotonic()
-        self._store_positions(consumer)
+        self._commit_positions(consumer)
         self._apply_pause(consumer)
         messages = consumer.consume(num_messages=self._settings.kafka.consume_batch, timeout=POLL_TIMEOUT_S)
         if self._lag_refresh_due:
@@ -223,6 +231,23 @@ class Intake:
             records = self._prepare(consumer, messages)
             if records:
                 self._loop.call_soon_threadsafe(self._listener.on_records, records)
+
+    def _commit_before_close(self, consumer: Consumer) -> None:
+        """Commit what settled before close() (whose revoke commits again, or may not come at all).
+
+        A stop in the middle of a rebalance (a member joined a moment ago) finds the group refusing commits
+        until the rebalance is through: keep serving it, every partition paused, within the revoke grace,
+        and commit then; closing at once would leave the settled records to be sent again.
+        """
+        deadline = time.monotonic() + max(self._settings.delivery.revoke_grace_s, POLL_TIMEOUT_S)
+        self._committer.note(self._ledger.take_positions())
+        while not self._committer.commit_now(consumer, self._owned()):
+            if time.monotonic() > deadline:
+                log.error("intake.final_commit_abandoned", partitions=len(self._assigned))
+                return
+            self._apply_pause(consumer)
+            consumer.consume(num_messages=self._settings.kafka.consume_batch, timeout=POLL_TIMEOUT_S)
+            self._committer.note(self._ledger.take_positions())
 
     def _close_consumer(self, consumer: Consumer) -> None:
         # close() revokes every partition through _on_revoke, which commits each one's settled position.
@@ -390,19 +415,9 @@ class Intake:
     # --- pause, resume, offsets ----------------------------------------------------------------------
 
     def _apply_pause(self, consumer: Consumer) -> None:
-        in_flight = self._ledger.in_flight
-        if not self._paused_for_load and (in_flight >= self._cap or self._draining):
-            self._paused_for_load = True
-            log.debug("intake.paused", in_flight=in_flight)
-        elif self._paused_for_load and in_flight <= self._cap // 2 and not self._draining:
-            self._paused_for_load = False
-            log.debug("intake.resumed", in_flight=in_flight)
         now = time.monotonic()
-        wanted_paused = (
-            set(self._assigned)
-            if self._paused_for_load
-            else {tp for tp, (resume_at, _) in self._decode_retry.items() if resume_at > now}
-        )
+        wanted_paused = set(self._assigned) if self._draining else self._over_share()
+        wanted_paused |= {tp for tp, (resume_at, _) in self._decode_retry.items() if resume_at > now}
         wanted_paused |= self.held | self._finished
         current = self._currently_paused
         if wanted_paused != current:
@@ -414,22 +429,38 @@ class Intake:
                 consumer.resume([KafkaTopicPartition(t, p) for t, p in to_resume])
             self._currently_paused = wanted_paused & self._assigned
 
-    def _store_positions(self, consumer: Consumer) -> None:
+    def _over_share(self) -> set[TopicPartition]:
+        """The partitions that hold their share of the in-flight budget, to be paused.
+
+        The share is the cap split evenly between the partitions with records in flight (at least one), so
+        that idle partitions lend theirs to busy ones. A partition is paused on reaching its share and
+        resumed once it is down to half of it. A partition with nothing in flight is never paused here: it
+        may always take one consume() batch, so the records in flight exceed the cap only by what partitions
+        coming out of idleness take before the others' shares shrink to make room for them.
+        """
+        unsettled = self._ledger.unsettled_by_partition()
+        assigned = self._assigned
+        busy = [tp for tp, count in unsettled.items() if count > 0 and tp in assigned]
+        share = max(1, self._cap // max(1, len(busy)))
+        loaded = self._loaded
+        for tp in list(loaded):
+            if unsettled.get(tp, 0) <= share // 2 or tp not in assigned:
+                loaded.discard(tp)
+        for tp in busy:
+            if unsettled[tp] >= share:
+                loaded.add(tp)
+        return set(loaded)
+
+    def _owned(self) -> dict[TopicPartition, int]:
+        """The generation of each partition this consumer owns now."""
+        generation = self._generation
+        return {tp: generation[tp] for tp in self._assigned}
+
+    def _commit_positions(self, consumer: Consumer) -> None:
         positions = self._ledger.take_positions()
-        if not positions:
-            return
-        offsets = [
-            KafkaTopicPartition(tp[0], tp[1], offset)
-            for tp, (generation, offset) in positions.items()
-            if tp in self._assigned and self._generation.get(tp) == generation
-        ]
-        if offsets:
-            try:
-                consumer.store_offsets(offsets=offsets)
-            except KafkaException as exc:
-                # A partition revoked between the loop's settle and this store: its final position was
-                # committed by the revoke already.
-                log.debug("intake.store_skipped", reason=str(exc))
+        if positions:
+            self._committer.note(positions)
+        self._committer.commit_due(consumer, self._owned())
 
     # --- librdkafka callbacks (run inside consume()/close() on this thread) ---------------------------
 
@@ -485,11 +516,17 @@ class Intake:
     def _on_commit(self, error: KafkaError | None, partitions: list[KafkaTopicPartition]) -> None:
         if error is not None:
             log.warning("intake.commit_failed", error=error.str())
+            self._committer.failed(partitions)
             return
+        refused = [partition for partition in partitions if partition.error is not None]
+        if refused:
+            log.warning("intake.commit_failed", partitions=_names(refused), error=str(refused[0].error))
+            self._committer.failed(refused)
         now = time.time()
-        for partition in partitions:
-            if partition.error is None and partition.offset >= 0:
-                self.commit_times[(partition.topic, partition.partition)] = now
+        acknowledged = [p for p in partitions if p.error is None and p.offset >= 0]
+        for partition in acknowledged:
+            self.commit_times[(partition.topic, partition.partition)] = now
+        self._committer.confirm(acknowledged, self._owned())
 
     # --- rebalance callbacks (run inside consume()/close() on this thread) ---------------------------
 
@@ -515,22 +552,21 @@ class Intake:
         except (FutureTimeout, RuntimeError, asyncio.CancelledError) as exc:
             log.error("intake.release_failed", partitions=_names(partitions), error=repr(exc))
             positions = {}
+        final = {tp: (self._generation.get(tp, 0), positions.get(tp)) for tp in tps}
         self._forget(tps)
-        offsets = [KafkaTopicPartition(t, p, pos) for (t, p), pos in positions.items() if pos is not None]
-        if offsets:
-            try:
-                consumer.commit(offsets=offsets, asynchronous=False)
-            except KafkaException as exc:
-                log.error("intake.revoke_commit_failed", partitions=_names(partitions), error=str(exc))
+        # The final commit of these partitions; the committer commits nothing more for this generation.
+        held = self._committer.commit_final(consumer, final, ask=not self._closing)
         log.info(
             "intake.revoked",
             partitions=_names(partitions),
-            committed={f"{t}[{p}]": pos for (t, p), pos in positions.items()},
+            # What the broker holds after the commit, asked of it: what the next owner starts from.
+            committed={f"{t}[{p}]": offset for (t, p), offset in held.items()},
         )
 
     def _on_lost(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
         self._forget(tps)
+        self._committer.forget(tps)
         # Another member may own these already: nothing of them is committed from here.
         self._loop.call_soon_threadsafe(self._listener.on_lost, tps)
         log.warning("intake.lost", partitions=_names(partitions))

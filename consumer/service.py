@@ -8,8 +8,8 @@
                                                                         └─► dead-letter ─► settle
 
 Settlement decides commits: a record is settled when every call it implied was delivered, or when it was
-confirmed written to the dead-letter topic. The intake thread stores settled positions, librdkafka commits
-them; revokes and shutdown commit synchronously.
+confirmed written to the dead-letter topic. The intake thread commits settled positions (``consumer.commit``):
+periodically, and synchronously on revoke and at shutdown.
 
 Shutdown (SIGTERM): stop fetching, seal open batches, let in-flight records settle within
 ``delivery.shutdown_grace_s``, commit, leave the group, exit 0. A tripped dead-letter guard exits 3 without
@@ -362,6 +362,7 @@ class Relay:
                 lambda: self.ledger.in_flight - self._suspect_count(),
                 self.config.settings.delivery.shutdown_grace_s,
             )
+        released_before_close = self.ledger.released_unsettled
         self.intake.close()
         assert self._intake_stopped is not None
         try:
@@ -380,7 +381,8 @@ class Relay:
             "relay.stopped",
             delivered=self.delivered,
             dead_lettered=self.dead_lettered,
-            unsettled=self.ledger.in_flight,
+            # Left for the next owner: what the closing revoke released unsettled, and anything not released.
+            unsettled=self.ledger.released_unsettled - released_before_close + self.ledger.in_flight,
         )
 
     async def _drain(self, remaining: Callable[[], int], grace_s: float) -> None:

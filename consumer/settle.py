@@ -9,8 +9,12 @@ Each assignment of a partition gets a new *generation*. A settlement carrying an
 completion that arrives after its partition was revoked, even if the partition came back since — is
 dropped, never committed.
 
-All methods run on the event loop thread; the intake thread reads :attr:`in_flight` (an int, safe to read
-under the GIL) and takes the positions to store with :meth:`take_positions` (under a lock).
+Every count the ledger gives is read off its own state — the offsets each partition still holds — never
+kept as a running difference, so it cannot drift or go negative: settling a record twice, or releasing a
+partition whose later records settled first, changes nothing it reports.
+
+All methods run on the event loop thread; the intake thread reads :meth:`unsettled_by_partition` (a snapshot
+taken in one step under the GIL) and takes the positions to commit with :meth:`take_positions` (under a lock).
 """
 
 from __future__ import annotations
@@ -37,9 +41,14 @@ class PartitionLedger:
         self.pending.append(offset)
 
     def settle(self, offset: int) -> int | None:
-        """Mark ``offset`` settled; return the new committable position if it moved."""
+        """Mark ``offset`` settled; return the new committable position if it moved.
+
+        An offset settled before (behind the first unsettled one, or among the done) changes nothing.
+        """
         pending = self.pending
-        if not pending or offset != pending[0]:
+        if not pending or offset < pending[0]:
+            return None  # settled already: the position passed it
+        if offset != pending[0]:
             self.done.add(offset)
             return None
         pending.popleft()
@@ -57,7 +66,8 @@ class PartitionLedger:
         return None if self.last_settled is None else self.last_settled + 1
 
     def __len__(self) -> int:
-        return len(self.pending)
+        """Records still unsettled: the tracked ones less those settled out of order (in ``done``)."""
+        return len(self.pending) - len(self.done)
 
 
 class OffsetLedger:
@@ -69,12 +79,22 @@ class OffsetLedger:
         self._partitions: dict[TopicPartition, PartitionLedger] = {}
         self._positions: dict[TopicPartition, tuple[int, int]] = {}
         self._lock = threading.Lock()
-        self.in_flight = 0
         #: How many partitions were released (revoked or lost) so far: while it stays the same, every record
         #: found owned stays owned, so a batch of them need not be checked one by one again.
         self.releases = 0
         #: The latest committable position each partition reached (kept across revokes, for progress).
         self.reached: dict[TopicPartition, int] = {}
+        #: Records given up unsettled when their partitions were released (revoked or lost), since start.
+        self.released_unsettled = 0
+
+    @property
+    def in_flight(self) -> int:
+        """Records consumed and not yet settled, over every partition owned now."""
+        return sum(len(ledger) for ledger in list(self._partitions.values()))
+
+    def unsettled_by_partition(self) -> dict[TopicPartition, int]:
+        """Unsettled records per owned partition (safe to call from the intake thread)."""
+        return {tp: len(ledger) for tp, ledger in list(self._partitions.items())}
 
     # --- assignment (driven by the intake thread's rebalance callbacks, run here on the loop) -------
 
@@ -89,7 +109,7 @@ class OffsetLedger:
         if ledger is None:
             return None
         self.releases += 1
-        self.in_flight -= len(ledger)
+        self.released_unsettled += len(ledger)
         with self._lock:
             self._positions.pop(tp, None)
         return ledger.position()
@@ -99,6 +119,7 @@ class OffsetLedger:
         return ledger is not None and ledger.generation == record.generation
 
     def in_flight_for(self, tp: TopicPartition) -> int:
+        """Unsettled records of one partition."""
         ledger = self._partitions.get(tp)
         return 0 if ledger is None else len(ledger)
 
@@ -133,18 +154,20 @@ class OffsetLedger:
                 continue  # read before a revoke that has since happened: the next owner reads it again
             ledger.track(record.offset)
             kept.append(record)
-        self.in_flight += len(kept)
         return kept
 
     def settle(self, record: Record) -> bool:
-        """Mark a record settled. False when its partition is no longer ours (the completion is dropped)."""
+        """Mark a record settled. False when its partition is no longer ours (the completion is dropped) or
+        when it was settled before."""
         ledger = self._partitions.get(record.tp)
         if ledger is None or ledger.generation != record.generation:
             return False
-        self.in_flight -= 1
+        before = len(ledger)
+        position = ledger.settle(record.offset)
+        if len(ledger) == before:
+            return False
         if self._on_settled is not None:
             self._on_settled(record)
-        position = ledger.settle(record.offset)
         if position is not None:
             self.reached[record.tp] = position
             with self._lock:
@@ -152,7 +175,7 @@ class OffsetLedger:
         return True
 
     def settle_many(self, records: list[Record]) -> int:
-        """Mark delivered records settled (a batch's worth); return how many were still ours."""
+        """Mark delivered records settled (a batch's worth); return how many were still ours and unsettled."""
         partitions = self._partitions
         settled = 0
         on_settled = self._on_settled
@@ -165,13 +188,15 @@ class OffsetLedger:
                 ledger = partitions.get(tp)
             if ledger is None or ledger.generation != record.generation:
                 continue
+            before = len(ledger)
+            position = ledger.settle(record.offset)
+            if len(ledger) == before:
+                continue  # settled before (a duplicate completion): counted once
             settled += 1
             if on_settled is not None:
                 on_settled(record)
-            position = ledger.settle(record.offset)
             if position is not None:
                 moved[tp] = (ledger.generation, position)
-        self.in_flight -= settled
         if moved:
             for tp, (_, position) in moved.items():
                 self.reached[tp] = position

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -228,6 +228,19 @@ def _sent_calls(events: Iterable[tuple[str, dict[str, Any]]]) -> Iterator[Tracki
         yield from (call for index, call in enumerate(calls) if index not in bad)
 
 
+def calls_per_record(events: Iterable[tuple[str, dict[str, Any]]]) -> list[list[tuple[str, str, bytes]]]:
+    """For each event, the calls it should put at the emulator, as :func:`expected_calls` counts them."""
+    translator = Translator(test_shops())
+    found = []
+    for name, fields in events:
+        calls, rejected = translator.translate_partial(DomainEvent(name, fields))
+        bad = {index for index, _ in rejected}
+        found.append(
+            [(SHOPS[c.shop][0], c.method, canonical(c.body)) for i, c in enumerate(calls) if i not in bad]
+        )
+    return found
+
+
 def expected_calls(events: Iterable[tuple[str, dict[str, Any]]]) -> Counter[tuple[str, str, bytes]]:
     """What the emulator should hold for these events: (partnerId, method, canonical body) with counts."""
     return Counter((SHOPS[call.shop][0], call.method, canonical(call.body)) for call in _sent_calls(events))
@@ -318,3 +331,55 @@ def event(type_name: str, **fields: Any) -> dict[str, Any]:
         "stockId": None,
     }
     return {**common, **fields}
+
+
+#: A numbered view's productId is ``partition * NUMBERED + offset + 1``: each call names its own record.
+NUMBERED = 10_000_000
+
+
+def numbered_views(
+    registry: Any,
+    per_partition: Mapping[int, int],
+    *,
+    visitors: int = 40,
+    shop_of: Callable[[int, int], str] = lambda partition, offset: "demo",
+) -> list[tuple[bytes, bytes, int]]:
+    """``ProductViewed`` records, ``(key, value, partition)``, each naming its partition and offset.
+
+    Produced in this order to a fresh topic, the n-th record of partition p lands at offset n, and its one
+    ``view`` call carries ``productId = p * NUMBERED + n + 1``: what reached the emulator, and how often,
+    is then known per record (:func:`delivered_records`). ``visitors`` keys per partition, round robin;
+    ``shop_of(partition, offset)`` names each record's shop. Partitions are interleaved, each in order.
+    """
+    encoder = build_encoder("confluent-avro", registry=registry)
+    records = []
+    for offset in range(max(per_partition.values(), default=0)):
+        for partition, count in per_partition.items():
+            if offset >= count:
+                continue
+            session = f"p{partition}v{offset % visitors}"
+            fields = {
+                "eventId": f"e{partition}-{offset}",
+                "occurredAt": OCCURRED + offset,
+                "sessionId": session,
+                "shopId": shop_of(partition, offset),
+                "stockId": None,
+                "productId": partition * NUMBERED + offset + 1,
+                "groupId": None,
+            }
+            records.append((session.encode(), encoder.encode("ProductViewed", fields), partition))
+    return records
+
+
+def delivered_records(emulator: Any) -> Counter[tuple[int, int]]:
+    """How often each numbered record's call reached the emulator, by ``(partition, offset)``."""
+    return Counter(divmod(event["body"]["productId"] - 1, NUMBERED) for event in emulator.events())
+
+
+def delivery_times(emulator: Any) -> dict[int, list[float]]:
+    """When the emulator accepted each numbered record's call, per partition, in arrival order."""
+    times: dict[int, list[float]] = {}
+    for event in emulator.events():
+        partition = (event["body"]["productId"] - 1) // NUMBERED
+        times.setdefault(partition, []).append(event["received_at"])
+    return times

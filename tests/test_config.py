@@ -276,6 +276,16 @@ def test_environment_overrides_win_over_the_file(tmp_path: Path) -> None:
     assert loaded.settings.kafka.bootstrap_servers == "other:9093"
 
 
+def test_static_membership_is_off_by_default_and_takes_its_name_from_the_environment(tmp_path: Path) -> None:
+    from consumer.intake import consumer_config
+
+    dynamic = consumer_config(load_text(tmp_path, MINIMAL).settings)
+    assert "group.instance.id" not in dynamic
+    assert dynamic["enable.auto.commit"] is False, "the relay commits, librdkafka never does on its own"
+    pod = load_text(tmp_path, MINIMAL, {**ENV, "RR_KAFKA__GROUP_INSTANCE_ID": "rr-relay-7f9c-2"})
+    assert consumer_config(pod.settings)["group.instance.id"] == "rr-relay-7f9c-2"
+
+
 def test_a_bad_environment_override_is_named(tmp_path: Path) -> None:
     error = config_error(tmp_path, MINIMAL, environ={**ENV, "RR_DELIVERY__MODE": "singel"})
     assert error.setting == "delivery.mode"

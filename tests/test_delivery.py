@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import random
 import threading
+import zlib
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import psutil
@@ -18,11 +20,12 @@ from confluent_kafka.admin import AdminClient
 
 from consumer.emulator import EmulatorShop, EmulatorThread, Faults
 from consumer.events import short_name
-from tests.kafka import Topics, committed_offsets, end_offsets, unique_name, wait_for
+from tests.kafka import Topics, committed_offsets, end_offsets, produce, unique_name, wait_for
 from tests.relay import (
     SHOPS,
     RelayProcess,
     Stack,
+    calls_per_record,
     canonical,
     expected_calls,
     generate,
@@ -113,10 +116,20 @@ def test_nothing_is_lost_when_the_relay_is_killed_again_and_again(
 ) -> None:
     traffic = generate(30_000, registry=_registry_client(registry), visitors=5000, seed=23)
     emulator.set_faults(Faults(latency_ms=5, latency_jitter_ms=10))  # slow enough to kill mid-flight
-    topic = stack.topic("crash", partitions=6)
-    produce_traffic(kafka_bootstrap, topic, traffic)
+    partitions = 6
+    topic = stack.topic("crash", partitions=partitions)
+    # Each record's partition is chosen here, so each one's offset is known: (partition, offset) per record.
+    placed = [(key, value, zlib.crc32(key) % partitions) for key, value in traffic.records]
+    produce(kafka_bootstrap, topic, placed)
+    next_offset = [0] * partitions
+    coordinates = []
+    for _, _, partition in placed:
+        coordinates.append((partition, next_offset[partition]))
+        next_offset[partition] += 1
+    record_calls = calls_per_record(traffic.events)
     group = unique_name("group")
-    in_flight_cap, consume_batch = 2000, 500
+    # A small in-flight cap: what a kill can leave delivered but uncommitted stays small.
+    in_flight_cap, consume_batch = 500, 100
     config = stack.config(
         [topic],
         group=group,
@@ -127,9 +140,11 @@ def test_nothing_is_lost_when_the_relay_is_killed_again_and_again(
     )
     total = sum(traffic.expected.values())
     rng = random.Random(5)
-    kills = 0
+    # Per kill: the calls that were delivered but whose records were not committed. The next member starts
+    # at the committed offsets and sends each of them again; nothing else may be sent twice.
+    resendable: list[int] = []
+    relay = relays(config, name="crashing")
     for share in sorted(rng.uniform(0.1, 0.8) for _ in range(4)):
-        relay = relays(config, name="crashing")
         # Kill at a random point of the run: once this share of all calls has arrived.
         wait_for(
             lambda s=share: emulator.counters["events_accepted"] >= s * total,  # type: ignore[misc]
@@ -137,19 +152,37 @@ def test_nothing_is_lost_when_the_relay_is_killed_again_and_again(
             what=f"{share:.0%} of the calls",
         )
         relay.kill()
-        kills += 1
+        committed = committed_offsets(kafka_bootstrap, group, topic, partitions)
+        relay = relays(config, name="crashing")
+        assigned = wait_for(lambda r=relay: r.log_events("intake.assigned"), deadline_s=60, what="assigned")
+        # The killed member's last calls landed within its latency; the next one sends nothing before it is
+        # assigned: what arrived before then is what the killed one delivered.
+        until = datetime.fromisoformat(assigned[0]["timestamp"]).timestamp()
+        delivered = {
+            (e["partnerId"], e["method"], canonical(e["body"]))
+            for e in emulator.events()
+            if e["received_at"] < until
+        }
+        resendable.append(
+            sum(
+                1
+                for (partition, offset), calls in zip(coordinates, record_calls, strict=True)
+                if offset >= max(committed[partition], 0)
+                for call in calls
+                if call in delivered
+            )
+        )
 
-    survivor = relays(config, name="survivor")
+    survivor = relay
     got = wait_delivered(emulator, traffic.expected, relays=[survivor])
     assert survivor.terminate() == 0
 
     assert not traffic.expected - got, "every event's calls reached the emulator"
     duplicates = sum((got - traffic.expected).values())
-    # What a kill can re-send: the records in flight (capped) plus those settled since the last commit
-    # (at most one consume batch per partition between 200 ms auto-commits at this rate) — per kill.
-    bound = kills * (in_flight_cap + 6 * consume_batch)
-    print(f"kills={kills} calls={total} duplicates={duplicates} bound={bound}")
-    assert duplicates <= bound
+    print(
+        f"kills={len(resendable)} calls={total} duplicates={duplicates} delivered-not-committed {resendable}"
+    )
+    assert duplicates <= sum(resendable), "only what was delivered and not yet committed at a kill is re-sent"
     assert committed_offsets(kafka_bootstrap, group, topic, 6) == end_offsets(kafka_bootstrap, topic, 6)
 
 
@@ -179,9 +212,11 @@ def test_nothing_is_lost_when_a_second_member_joins_and_the_first_leaves(
 
     got = wait_delivered(emulator, traffic.expected, relays=[second])
     assert second.terminate() == 0
+    duplicates = sum((got - traffic.expected).values())
+    print(f"duplicates across the hand-over: {duplicates}")
     assert not traffic.expected - got, "zero lost across the hand-over"
+    assert duplicates == 0, "a member joining and a member leaving cleanly send nothing twice"
     assert committed_offsets(kafka_bootstrap, group, topic, 6) == end_offsets(kafka_bootstrap, topic, 6)
-    print(f"duplicates across the hand-over: {sum((got - traffic.expected).values())}")
 
 
 def _produce_slice(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> None:

@@ -120,3 +120,31 @@ def test_settling_a_batch_at_once_moves_the_position_as_settling_one_by_one(
         assert many.take_positions() == one.take_positions()
         assert many.in_flight == one.in_flight
     assert many.reached == one.reached == {TP: 30}
+
+
+def test_a_partition_released_after_later_records_settled_counts_only_the_unsettled_ones() -> None:
+    ledger = OffsetLedger()
+    ledger.assign(TP, generation=1)
+    records = [record(offset) for offset in range(5)]
+    ledger.track(records)
+    for later in records[2:]:
+        assert ledger.settle(later)
+    assert ledger.in_flight == 2, "offsets 0 and 1"
+    assert ledger.unsettled_by_partition() == {TP: 2}
+    assert ledger.release(TP) == 0
+    assert ledger.in_flight == 0
+    assert ledger.released_unsettled == 2, "what the next owner has to send that this one did not"
+
+
+def test_a_record_settled_twice_is_counted_once() -> None:
+    ledger = OffsetLedger()
+    ledger.assign(TP, generation=1)
+    first, second, third = record(0), record(1), record(2)
+    ledger.track([first, second, third])
+    assert ledger.settle(second)
+    assert not ledger.settle(second), "out of order, twice"
+    assert ledger.settle(first)
+    assert not ledger.settle(first), "behind the position, twice"
+    assert ledger.settle_many([first, second, third]) == 1, "only the third was still unsettled"
+    assert ledger.in_flight == 0
+    assert ledger.take_positions() == {TP: (1, 3)}

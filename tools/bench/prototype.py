@@ -50,12 +50,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def run(setup: Setup, limit: int, in_flight: int, deadline: float) -> tuple[int, int]:
+    kafka = setup.config.settings.kafka
+    # The bare sketch stores offsets and lets librdkafka commit them (the relay commits them itself).
+    auto_commit = {"enable.auto.commit": True, "auto.commit.interval.ms": kafka.commit_interval_ms}
     urls = {shop: setup.urls[shop, BATCH_METHOD] for shop, _ in setup.urls}
     slots = asyncio.Semaphore(in_flight)
     tasks: set[asyncio.Task[int]] = set()
     records = failed = 0
     batch = setup.config.settings.kafka.consume_batch
-    consumer = Consumer(consumer_config(setup.config.settings))
+    consumer = Consumer({**consumer_config(setup.config.settings), **auto_commit})
     try:
         consumer.subscribe([setup.topic])
         async with aiohttp.ClientSession(
