@@ -74,6 +74,18 @@ class Committer:
         """Commit what is due synchronously (shutdown). False when a rebalance in progress refused it: the
         offsets are due again, to be committed once the rebalance is through."""
         offsets = self._take(current)
+        # An asynchronous commit sent but not yet acknowledged may still be refused (a rebalance began):
+        # the shutdown commits every owned position the broker has not acknowledged, again.
+        listed = {(o.topic, o.partition) for o in offsets}
+        for tp, (generation, offset) in self._committed.items():
+            confirmed = self._confirmed.get(tp)
+            if (
+                tp not in listed
+                and current.get(tp) == generation
+                and self._sealed.get(tp) != generation
+                and (confirmed is None or confirmed[0] != generation or confirmed[1] < offset)
+            ):
+                offsets.append(KafkaTopicPartition(tp[0], tp[1], offset))
         if not offsets:
             return True
         try:
