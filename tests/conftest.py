@@ -44,6 +44,17 @@ _SESSION_CLIENTS: list[object] = []
 _REPORTED: set[int] = set()
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """The session's fixtures are torn down inside the last test's teardown, while that test's arguments
+    (the session's admin client among them) are still held by the test item: drop them first, so the check
+    in ``kafka_bootstrap`` sees what the code left open, not what pytest still holds for the last test."""
+    if nextitem is None:
+        funcargs = getattr(item, "funcargs", None)
+        if isinstance(funcargs, dict):
+            funcargs.clear()
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> Iterator[str]:
     with kafka_local.running() as bootstrap:
