@@ -153,8 +153,6 @@ class Intake:
         self.lag: dict[TopicPartition, int] = {}
         #: When each partition's offset was last committed (wall clock), from the commit callback.
         self.commit_times: dict[TopicPartition, float] = {}
-        #: Whether a broker connection was up and answering at the last report (None: no report yet).
-        self.broker_up: bool | None = None
         #: When each partition was assigned (wall clock): how old "never committed" is.
         self.assigned_at: dict[TopicPartition, float] = {}
         self._lag_refresh_due = False
@@ -502,7 +500,6 @@ class Intake:
 
     def _broker_state(self, problem: str | None) -> None:
         """Readiness and one line per change: the brokers answer (``problem`` None) or not."""
-        self.broker_up = problem is None
         servers = self._settings.kafka.bootstrap_servers
         if problem is None:
             self.faults.clear("kafka", event="kafka.broker_back", bootstrap_servers=servers)

@@ -156,7 +156,22 @@ class OwnBroker:
     """A broker of a test's own, which the test kills, restarts and freezes; stopped at the end."""
 
     def __init__(self, folder: Path) -> None:
+        self.folder = folder
         self.broker = kafka_local.start(data_root=folder)
+
+    def relay_config(
+        self, topic: str, emulator: EmulatorThread, registry: RegistryDouble, sections: dict[str, Any]
+    ) -> Path:
+        """A relay configuration for ``topic`` on this broker (its address stays the same across restarts)."""
+        return write_config(
+            self.folder / "relay.toml",
+            bootstrap=self.broker.bootstrap,
+            topics=[topic],
+            group="g",
+            emulator_url=emulator.url,
+            registry_url=registry.url,
+            sections=sections,
+        )
 
     def create(self, name: str, partitions: int) -> None:
         admin = AdminClient({"bootstrap.servers": self.broker.bootstrap})
@@ -182,15 +197,7 @@ def test_a_broker_killed_and_restarted_then_frozen_under_load_loses_nothing_and_
     try:
         own.create("shaky", 3)
         port = kafka_local.free_port()
-        config = write_config(
-            tmp_path / "relay.toml",
-            bootstrap=own.broker.bootstrap,
-            topics=["shaky"],
-            group="g",
-            emulator_url=emulator.url,
-            registry_url=registry.url,
-            sections=observed(port),
-        )
+        config = own.relay_config("shaky", emulator, registry, observed(port))
         emulator.set_faults(Faults(latency_ms=5))  # deliveries in flight whenever the broker goes
         client = registry_client(registry.url)
         traffic = [generate(1500, registry=client, seed=s, visitors=300) for s in (41, 42, 43)]
@@ -242,14 +249,8 @@ def test_a_stop_while_the_broker_is_gone_ends_within_its_grace(
     own = OwnBroker(tmp_path)
     try:
         own.create("orphan", 1)
-        config = write_config(
-            tmp_path / "relay.toml",
-            bootstrap=own.broker.bootstrap,
-            topics=["orphan"],
-            group="g",
-            emulator_url=emulator.url,
-            registry_url=registry.url,
-            sections={"delivery": {"shutdown_grace_s": 2, "revoke_grace_s": 2}},
+        config = own.relay_config(
+            "orphan", emulator, registry, {"delivery": {"shutdown_grace_s": 2, "revoke_grace_s": 2}}
         )
         traffic = generate(50, registry=registry_client(registry.url), seed=8)
         relay = relays(config)
