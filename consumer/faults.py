@@ -76,6 +76,12 @@ class FaultBoard:
     def is_raised(self, key: str) -> bool:
         return key in self._faults
 
+    def lasting(self, key: str) -> float | None:
+        """How long the fault ``key`` has lasted, in seconds; None when it is not raised."""
+        with self._lock:
+            fault = self._faults.get(key)
+            return None if fault is None else self._clock() - fault.since
+
     def current(self) -> list[str]:
         """The text of every current fault, oldest first (expired ones dropped)."""
         now = self._clock()

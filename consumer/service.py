@@ -267,6 +267,13 @@ class Relay:
         stall = self.config.settings.observability.stall_after_s
         if now - self.intake.last_poll > stall:
             problems.append(f"the Kafka consumer has not polled for {now - self.intake.last_poll:.0f}s")
+        # librdkafka reconnects by itself, but not always: after a broker was restarted and then frozen, its
+        # consumer stayed without a connection (broker state INIT) for minutes in about a third of the
+        # test runs, while the broker answered others. A relay without a broker for this long asks to be
+        # restarted; if the broker is really gone, the restart's start-up check says so and waits.
+        lost = self.faults.lasting("kafka")
+        if lost is not None and lost > stall:
+            problems.append(f"no Kafka broker has answered this process for {lost:.0f}s")
         return problems
 
     def readiness(self) -> list[str]:

@@ -187,3 +187,16 @@ def test_a_broker_counts_as_answering_only_when_a_connection_is_up_and_heard_fro
 ) -> None:
     found = _brokers_answering(brokers, silent_s=6)
     assert (found is None) if verdict is None else (found is not None and verdict in found), found
+
+
+def test_a_fault_says_how_long_it_has_lasted_until_it_clears() -> None:
+    clock = Clock()
+    board = FaultBoard(clock)
+    with capture_logs():
+        assert board.lasting("kafka") is None
+        board.raise_fault("kafka", "no broker", event="e")
+        clock.now += 42
+        board.raise_fault("kafka", "no broker, still", event="e")  # raised again: the age runs on
+        assert board.lasting("kafka") == 42
+        board.clear("kafka", event="back")
+    assert board.lasting("kafka") is None
