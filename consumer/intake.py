@@ -389,7 +389,11 @@ class Intake:
         delay = self._backoff.delay(attempts + 1)
         self._decode_retry[tp] = (time.monotonic() + delay, attempts + 1)
         partition = KafkaTopicPartition(tp[0], tp[1], offset)
+        # Paused at once, so nothing fetched behind this record is read before the rewind, and booked as
+        # paused: a retry drawn shorter than the rest of this turn is due before _apply_pause next runs, which
+        # would otherwise see nothing to change and leave the partition paused for good.
         consumer.pause([partition])
+        self._currently_paused = self._currently_paused | {tp}
         consumer.seek(partition)
         log.debug(
             "intake.registry_retry",
