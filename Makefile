@@ -20,20 +20,20 @@ help:
 venv: $(STAMP)
 
 # Reinstall when the dependency pins change.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml dev/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test]' -e ./dev
 	touch $(STAMP)
 
 lint: venv
-	$(VENV)/bin/ruff check consumer tests tools
-	$(VENV)/bin/ruff format --check consumer tests tools
+	$(VENV)/bin/ruff check consumer dev tests tools
+	$(VENV)/bin/ruff format --check consumer dev tests tools
 	$(VENV)/bin/mypy
 
 format: venv
-	$(VENV)/bin/ruff format consumer tests tools
-	$(VENV)/bin/ruff check --fix consumer tests tools
+	$(VENV)/bin/ruff format consumer dev tests tools
+	$(VENV)/bin/ruff check --fix consumer dev tests tools
 
 # The broker tool starts a broker (unless KAFKA_BOOTSTRAP_SERVERS is set), runs pytest with its address,
 # stops it whatever pytest's outcome, and exits with pytest's status.
