@@ -7,7 +7,7 @@ The development commands (``emulator``, ``produce-sample``) are not part of this
 ``rr-consumer-dev`` distribution (``dev/`` in the repository) registers them under the
 ``rr_consumer.commands`` entry points, which :func:`build_parser` loads by group, never by a module name, so
 the runtime imports nothing of the development tools. Where they are not installed, each of those commands
-still parses (any arguments) and answers with one line saying where it comes from, exit status 2.
+still parses (with any arguments) and answers with one line saying where it comes from, exit status 2.
 """
 
 from __future__ import annotations
@@ -72,13 +72,13 @@ def _add_missing(commands: Commands, name: str, what: str) -> None:
         help=f"{what} (development tools: not installed)",
         description=f"rr-consumer {name}: {DEV_HINT}.",
     )
-    parser.add_argument("arguments", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
     def run(args: argparse.Namespace) -> int:
         print(f"rr-consumer: {name}: {DEV_HINT}", file=sys.stderr)
         return 2
 
-    parser.set_defaults(handler=run)
+    # Whatever options follow are the missing command's: main() lets them pass rather than call them errors.
+    parser.set_defaults(handler=run, any_arguments=True)
 
 
 def _add_run(commands: Commands) -> None:
@@ -440,7 +440,9 @@ def _aware_time(text: str) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "any_arguments", False):
+        args = parser.parse_args(argv)  # the usual one-line error on the arguments nothing knows
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help(sys.stderr)
