@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Consume shop domain events from Kafka and deliver them to Retail Rocket's tracking API.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  rr-consumer run --config config.example.toml\n"
-        "  rr-consumer emulator --port 8080\n",
+        "  rr-consumer config check --config config.example.toml\n",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
