@@ -387,3 +387,21 @@ def test_more_relays_than_partitions_is_refused(helm: Path) -> None:
 
 def test_autoscaling_without_the_partitions_is_refused(helm: Path) -> None:
     assert "autoscaling.partitions must be set" in refusal(helm, None, "autoscaling.enabled=true")
+
+
+# --- the README's commands ------------------------------------------------------------------------------
+
+
+def test_the_readmes_kubernetes_commands_name_what_the_chart_renders(helm: Path) -> None:
+    """The runbook's `kubectl` lines (release "relay") address the objects by the names the chart gives."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.partition("\n## Kubernetes\n")[2].partition("\n## ")[0]
+    assert section, "README.md has no Kubernetes section"
+    objects = render(helm, ALL_ON)
+    names = {obj["kind"]: obj["metadata"]["name"] for obj in objects}
+    assert f"deployment/{names['Deployment']}" in section
+    assert f"scaledobject {names['ScaledObject']}" in section
+    assert f'"configMap": {{"name": "{names["ConfigMap"]}"}}' in section
+    assert container(objects)["image"] in section, "the replay pod runs another image than the chart"
+    release = only(objects, "Deployment")["metadata"]["labels"]["app.kubernetes.io/instance"]
+    assert f"-l app.kubernetes.io/instance={release} " in section
