@@ -311,6 +311,13 @@ def test_a_shop_without_a_secret_is_refused_naming_the_setting(helm: Path) -> No
     assert "apiKeys.extra is missing" in error
 
 
+def test_a_key_written_into_the_values_is_refused(helm: Path) -> None:
+    """values.schema.json: an apiKeys entry names a Secret and its key, and can hold nothing else."""
+    error = refusal(helm, None, "apiKeys.demo.value=the-key-itself")
+    assert "/apiKeys/demo" in error
+    assert "the-key-itself" not in error
+
+
 @pytest.mark.parametrize("values", VALUES.values(), ids=VALUES.keys())
 def test_no_rendered_object_holds_a_secret_value(helm: Path, values: Path | None) -> None:
     objects = render(helm, values)
