@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 
 from consumer import __version__
-from consumer.cli import DEV_COMMANDS
+from consumer.cli import COMMANDS_GROUP, DEV_COMMANDS
 from consumer_dev.emulator import EmulatorThread
 from tests.kafka import Topics, produce, unique_name
 from tests.relay import SHOPS, RelayProcess, generate, relay_env, wait_delivered, write_config
@@ -80,7 +80,7 @@ def test_the_development_file_check_finds_each_kind_of_development_file() -> Non
 
 @dataclass(frozen=True)
 class Built:
-    """The wheel built from this checkout, and a fresh virtual environment it is installed in."""
+    """A wheel built from this checkout, and a fresh virtual environment it is installed in."""
 
     wheel: Path
     venv: Path
@@ -101,30 +101,46 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="session")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
-    folder = tmp_path_factory.mktemp("wheel")
-    dist = folder / "dist"
+def build_wheel(source: Path, dist: Path) -> Path:
+    """``python -m build`` of ``source`` (an sdist, then the wheel from it); the wheel's path."""
     subprocess.run(
-        [sys.executable, "-m", "build", "--outdir", str(dist), str(ROOT)],
+        [sys.executable, "-m", "build", "--outdir", str(dist), str(source)],
         check=True,
         capture_output=True,
         timeout=BUILD_TIMEOUT_S,
-        cwd=folder,
+        cwd=dist.parent,
     )
-    wheels = sorted(dist.glob("rr_consumer-*.whl"))
-    assert len(wheels) == 1, f"expected one wheel, found {wheels}"
-    environment = folder / "venv"
+    wheels = sorted(dist.glob("*.whl"))
+    assert len(wheels) == 1, f"expected one wheel in {dist}, found {wheels}"
+    return wheels[0]
+
+
+def install(environment: Path, *wheels: Path) -> None:
+    """A fresh virtual environment at ``environment`` with ``wheels`` and their pinned dependencies."""
     venv.EnvBuilder(with_pip=True, clear=True).create(environment)
     subprocess.run(
-        [str(environment / "bin" / "python"), "-m", "pip", "install", "--quiet", str(wheels[0])],
+        [str(environment / "bin" / "python"), "-m", "pip", "install", "--quiet", *map(str, wheels)],
         check=True,
         capture_output=True,
         timeout=INSTALL_TIMEOUT_S,
-        cwd=folder,
+        cwd=environment.parent,
         env=clean_env(PIP_DISABLE_PIP_VERSION_CHECK="1"),
     )
-    return Built(wheels[0], environment)
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
+    folder = tmp_path_factory.mktemp("wheel")
+    wheel = build_wheel(ROOT, folder / "dist")
+    install(folder / "venv", wheel)
+    return Built(wheel, folder / "venv")
+
+
+@pytest.fixture(scope="session")
+def dev_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The development tools' wheel. Not installed here: that its commands reach the CLI is shown by the
+    suite's own (editable) install, and another virtual environment would cost the suite a quarter minute."""
+    return build_wheel(ROOT / "dev", tmp_path_factory.mktemp("dev-wheel") / "dist")
 
 
 def test_the_wheel_holds_the_runtime_package_and_no_development_module(built: Built) -> None:
@@ -166,6 +182,19 @@ def test_no_runtime_module_imports_development_code() -> None:
         or module.removeprefix(f"{RUNTIME_PACKAGE}.") in DEVELOPMENT_MODULES
     }
     assert not offenders, f"runtime modules import development code: {sorted(offenders)}"
+
+
+def test_the_dev_wheel_holds_the_development_package_and_declares_its_commands(dev_wheel: Path) -> None:
+    """The tools come apart from the runtime: no copy of ``consumer`` in it, the commands as entry points."""
+    with zipfile.ZipFile(dev_wheel) as wheel:
+        names = wheel.namelist()
+        entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+        declared = wheel.read(entry_points).decode()
+    tops = {PurePosixPath(name).parts[0] for name in names}
+    assert {top for top in tops if not top.endswith(".dist-info")} == {"consumer_dev"}
+    assert f"[{COMMANDS_GROUP}]" in declared
+    for command in DEV_COMMANDS:
+        assert f"{command} = consumer_dev.cli:" in declared
 
 
 # --- the installed wheel runs --------------------------------------------------------------------------
