@@ -2,6 +2,12 @@
 
 Each subcommand is registered by a small ``_add_*`` function and runs through ``args.handler``; the heavy
 modules are imported inside the handlers so ``--help`` stays fast.
+
+The development commands (``emulator``, ``produce-sample``) are not part of this package: the
+``rr-consumer-dev`` distribution (``dev/`` in the repository) registers them under the
+``rr_consumer.commands`` entry points, which :func:`build_parser` loads by group, never by a module name, so
+the runtime imports nothing of the development tools. Where they are not installed, each of those commands
+still parses (with any arguments) and answers with one line saying where it comes from, exit status 2.
 """
 
 from __future__ import annotations
@@ -10,12 +16,25 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, TypeAlias
 
 from consumer import __version__
 
 Handler = Callable[[argparse.Namespace], int]
+#: The object ``add_subparsers`` returns (generic only to type checkers, hence the string).
+Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+#: The entry point group through which another distribution adds subcommands (a function taking ``Commands``).
+COMMANDS_GROUP: Final = "rr_consumer.commands"
+#: The commands that come with ``rr-consumer-dev``, named so their absence can be explained.
+DEV_COMMANDS: Final = {"emulator": "the tracking API emulator", "produce-sample": "realistic shop traffic"}
+#: Where the development commands come from, for the line printed when they are missing.
+DEV_HINT: Final = (
+    "it comes with the development tools, which this installation lacks: install rr-consumer-dev "
+    "(from a checkout: pip install -e ./dev; make venv does)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,16 +43,45 @@ def build_parser() -> argparse.ArgumentParser:
         description="Consume shop domain events from Kafka and deliver them to Retail Rocket's tracking API.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  rr-consumer run --config config.example.toml\n"
-        "  rr-consumer emulator --port 8080\n",
+        "  rr-consumer config check --config config.example.toml\n",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_run, _add_config, _add_emulator, _add_produce_sample, _add_replay, _add_dlq):
+    for add in (_add_run, _add_config, _add_replay, _add_dlq):
         add(commands)
+    _add_plugin_commands(commands)
     return parser
 
 
-def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_plugin_commands(commands: Commands) -> None:
+    """The commands other installed distributions declare; a stand-in for each missing development one."""
+    added = set()
+    for entry in sorted(entry_points(group=COMMANDS_GROUP), key=lambda entry: entry.name):
+        add: Callable[[Commands], None] = entry.load()
+        add(commands)
+        added.add(entry.name)
+    for name, what in DEV_COMMANDS.items():
+        if name not in added:
+            _add_missing(commands, name, what)
+
+
+def _add_missing(commands: Commands, name: str, what: str) -> None:
+    """``name`` as a command that only says where it comes from (whatever arguments it is given)."""
+    parser = commands.add_parser(
+        name,
+        help=f"{what} (development tools: not installed)",
+        description=f"rr-consumer {name}: {DEV_HINT}.",
+    )
+
+    def run(args: argparse.Namespace) -> int:
+        print(f"rr-consumer: {name}: {DEV_HINT}", file=sys.stderr)
+        return 2
+
+    # Whatever options follow are the missing command's: main() lets them pass rather than call them errors.
+    parser.set_defaults(handler=run, any_arguments=True)
+
+
+def _add_run(commands: Commands) -> None:
     parser = commands.add_parser(
         "run",
         help="run the relay: consume, translate, deliver, commit",
@@ -65,7 +113,7 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.set_defaults(handler=run)
 
 
-def _add_config(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_config(commands: Commands) -> None:
     parser = commands.add_parser(
         "config",
         help="check a configuration",
@@ -130,130 +178,7 @@ def _load_config(config: Any, path: Path | None, *, secrets: bool = True) -> Any
         return None
 
 
-def _add_emulator(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``rr-consumer emulator``: the tracking API stand-in (consumer.emulator, imported only to run it).
-
-    The options are declared here rather than in consumer.emulator because importing that module loads
-    aiohttp's server, which would make every ``--help`` slow.
-    """
-    parser = commands.add_parser(
-        "emulator",
-        help="run the tracking API emulator",
-        description="Serve the Retail Rocket tracking API contract on /1.0/ and an admin API on /_emulator/.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  rr-consumer emulator --port 8080 --shop demo:demo-key\n"
-        "  rr-consumer emulator --port 8080 --shop demo:env:RR_API_KEY_DEMO --latency-ms 100 \\\n"
-        "      --error-rate 0.01\n"
-        "  curl -s localhost:8080/_emulator/counters",
-    )
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    parser.add_argument(
-        "--port", type=int, default=8080, help="port; 0 picks a free one (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--shop",
-        action="append",
-        metavar="PARTNER_ID:API_KEY",
-        help="a known shop (repeatable); API_KEY may be env:NAME to read it from the environment; "
-        "without --shop or --shops-file one shop partnerId=demo apiKey=demo-key is known",
-    )
-    parser.add_argument(
-        "--shops-file",
-        metavar="FILE",
-        help='JSON array of {"partner_id", "api_key", "disabled", "rate_limit"} objects',
-    )
-    parser.add_argument(
-        "--disabled", action="append", metavar="PARTNER_ID", help="answer this shop 403 (repeatable)"
-    )
-    parser.add_argument(
-        "--rate-limit",
-        type=float,
-        metavar="PER_SECOND",
-        help="answer 429 above this many requests/s per shop, for shops without their own (default: off)",
-    )
-    parser.add_argument("--latency-ms", type=float, default=0.0, help="delay every call by this much")
-    parser.add_argument(
-        "--latency-jitter-ms", type=float, default=0.0, help="plus a uniform random delay up to this much"
-    )
-    parser.add_argument(
-        "--error-rate", type=float, default=0.0, help="share (0-1) of calls answered --error-status"
-    )
-    parser.add_argument("--error-status", type=int, default=503, help="(default: %(default)s)")
-    parser.add_argument(
-        "--outage",
-        choices=("none", "503", "refuse", "reset"),
-        default="none",
-        help="start in an outage: every call 503, connections refused, or connections reset",
-    )
-    parser.add_argument("--outage-seconds", type=float, help="end the starting outage after this long")
-    parser.add_argument("--retry-after", type=float, help="Retry-After seconds on injected errors")
-    parser.add_argument(
-        "--max-events",
-        type=int,
-        metavar="N",
-        help="keep only about the last N accepted events for the admin API (0: count only; default: all)",
-    )
-
-    def run(args: argparse.Namespace) -> int:
-        from consumer import emulator
-
-        return emulator.run_command(args)
-
-    parser.set_defaults(handler=run)
-
-
-def _add_produce_sample(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = commands.add_parser(
-        "produce-sample",
-        help="produce realistic shop traffic to a topic",
-        description="Produce generated shop events (views, searches, category views, basket adds, orders, "
-        "in the mix of Retail Rocket's public e-commerce data set), keyed by visitor.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
-        "  rr-consumer produce-sample --topic shop.events --registry-url http://127.0.0.1:8081 --rate 200\n"
-        "  rr-consumer produce-sample --topic shop.json --format json --count 10000",
-    )
-    parser.add_argument("--bootstrap-servers", default="127.0.0.1:9092", help="(default: %(default)s)")
-    parser.add_argument("--topic", required=True)
-    parser.add_argument("--format", choices=("confluent-avro", "avro", "json"), default="confluent-avro")
-    parser.add_argument("--registry-url", help="schema registry, for --format confluent-avro")
-    parser.add_argument("--count", type=int, help="stop after this many events (default: run until Ctrl-C)")
-    parser.add_argument("--rate", type=float, help="events per second (default: as fast as possible)")
-    parser.add_argument("--shop", action="append", help="shop id of the events (repeatable; default: demo)")
-    parser.add_argument(
-        "--visitors", type=int, default=100_000, help="distinct visitors (default: %(default)s)"
-    )
-    parser.add_argument("--seed", type=int, default=1)
-
-    def run(args: argparse.Namespace) -> int:
-        from consumer.sample_producer import produce_sample
-
-        if args.format == "confluent-avro" and not args.registry_url:
-            print(
-                "rr-consumer: produce-sample: --format confluent-avro needs --registry-url", file=sys.stderr
-            )
-            return 2
-        try:
-            produced = produce_sample(
-                args.bootstrap_servers,
-                args.topic,
-                count=args.count,
-                rate=args.rate,
-                fmt=args.format,
-                registry_url=args.registry_url,
-                shops=args.shop or ["demo"],
-                seed=args.seed,
-                visitors=args.visitors,
-            )
-        except KeyboardInterrupt:
-            return 0
-        print(f"produced {produced} events to {args.topic}")
-        return 0
-
-    parser.set_defaults(handler=run)
-
-
-def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_replay(commands: Commands) -> None:
     """``rr-consumer replay``: move the group's committed offsets (consumer.replay, imported to run it)."""
     parser = commands.add_parser(
         "replay",
@@ -332,7 +257,7 @@ def _add_replay(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     parser.set_defaults(handler=run)
 
 
-def _add_dlq(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_dlq(commands: Commands) -> None:
     parser = commands.add_parser(
         "dlq",
         help="inspect or re-drive dead-lettered records",
@@ -515,7 +440,9 @@ def _aware_time(text: str) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "any_arguments", False):
+        args = parser.parse_args(argv)  # the usual one-line error on the arguments nothing knows
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help(sys.stderr)

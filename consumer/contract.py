@@ -2,13 +2,13 @@
 
 Both sides of the wire use this module: translation validates every call before it is sent (a call that
 breaks the contract is a permanent failure without an HTTP request), and the emulator answers 400 on exactly
-the same rules. See ``shared/reference/tracking-api.md`` for the contract and the readings taken where the
+the same rules. See ``docs/tracking-api.md`` for the contract and the readings taken where the
 original document is silent or wrong.
 
 One rule here goes beyond that page, which says only that ``searchPhrase`` is a required string: it must hold
 more than whitespace (empty once trimmed is refused). Retail Rocket answers 400 to such a phrase (issue 12),
 and a call sent only to be refused cost its whole ``visitorEvents`` batch a re-send as single calls; refused
-here, it is a translate-stage dead letter instead. ``tests/data/contract-vectors.json`` holds the vectors.
+here, it is a translate-stage dead letter instead. ``docs/contract-vectors.json`` holds the vectors.
 
 Validation returns a :class:`Violation` (or ``None``) instead of raising: it runs once per event on the hot
 path of both the relay and the emulator, and a value is cheaper than an exception.

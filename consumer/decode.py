@@ -40,6 +40,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
+from importlib import resources
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol, cast, get_args
 
@@ -57,8 +58,9 @@ from consumer.errors import ConfigError, DecodeError, RegistryUnavailable
 ValueFormat = Literal["confluent-avro", "avro", "json"]
 VALUE_FORMATS: Final[tuple[ValueFormat, ...]] = get_args(ValueFormat)
 
-#: The project's reader schemas: the repository's top-level ``schemas/`` folder.
-SCHEMAS_DIR: Final = Path(__file__).resolve().parent.parent / "schemas"
+#: The project's reader schemas: package data (``consumer/schemas/``), so an installed wheel has them as a
+#: checkout does. Wheels install as files, never zipped, so the resource is a directory on disk.
+SCHEMAS_DIR: Final = Path(str(resources.files("consumer").joinpath("schemas")))
 
 #: A parsed fastavro schema (a dict for the records this module deals in).
 ParsedSchema = dict[str, Any]

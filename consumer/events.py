@@ -1,6 +1,6 @@
 """The domain events this relay understands: their names and the fields every one of them carries.
 
-The Avro schemas in the repository's ``schemas/`` folder are the source of truth; this module only names
+The Avro schemas in ``consumer/schemas/`` (package data) are the source of truth; this module only names
 them, so decoding, translation and the traffic generator spell each name once. All records share the
 namespace :data:`NAMESPACE`; a record's full name is ``NAMESPACE + "." + short name``, and everything past
 decoding speaks of an event by its short name (``"ProductViewed"``).

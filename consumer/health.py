@@ -18,6 +18,7 @@ import asyncio
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from typing import Final
 
 import orjson
 import structlog
@@ -29,6 +30,11 @@ from consumer.metrics import RelayMetrics
 log = structlog.get_logger(__name__)
 
 Checks = Callable[[], list[str]]
+
+#: The paths served; the deployment's probes and scrape configuration (the Helm chart) name the same ones.
+METRICS_PATH: Final = "/metrics"
+LIVENESS_PATH: Final = "/healthz"
+READINESS_PATH: Final = "/readyz"
 
 
 class HealthServer:
@@ -53,7 +59,10 @@ class HealthServer:
         self._thread.start()
         self.port = self._started.result(timeout)
         log.info(
-            "health.listening", host=self._host, port=self.port, paths=["/metrics", "/healthz", "/readyz"]
+            "health.listening",
+            host=self._host,
+            port=self.port,
+            paths=[METRICS_PATH, LIVENESS_PATH, READINESS_PATH],
         )
         return self.port
 
@@ -81,9 +90,9 @@ class HealthServer:
 
     async def _serve(self) -> int:
         app = web.Application()
-        app.router.add_get("/metrics", self._metrics_handler)
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get(METRICS_PATH, self._metrics_handler)
+        app.router.add_get(LIVENESS_PATH, self._healthz)
+        app.router.add_get(READINESS_PATH, self._readyz)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)

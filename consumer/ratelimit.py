@@ -90,20 +90,6 @@ class TokenBucket:
         now = self._clock()
         return self._reserve_at(now) - now
 
-    def try_acquire(self) -> float:
-        """Take a slot only if one is free now: return 0.0 when taken, else the seconds until one is free.
-
-        This is the server's side of a rate limit (answer 429 instead of queueing); nothing is booked when
-        the answer is "wait".
-        """
-        now = self._clock()
-        start = max(self._tat, now)
-        send_at = max(now, start - self._tolerance, self._held_until)
-        if send_at > now:
-            return send_at - now
-        self._tat = start + self._interval
-        return 0.0
-
     async def acquire(self, sleep: Sleep = asyncio.sleep) -> None:
         """Wait for a slot; if the shop is held while waiting, wait out the hold too (keeping the order)."""
         send_at = self._reserve_at(self._clock())

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from consumer.emulator import EmulatorShop, EmulatorThread
+from consumer_dev.emulator import EmulatorShop, EmulatorThread
 from tests.kafka import Topics, clients_left_behind
 from tests.relay import SHOPS, RelayProcess, Stack, relay_env
 from tools import kafka_local

@@ -20,8 +20,8 @@ from pydantic import SecretStr
 from consumer.config import ShopConfig
 from consumer.contract import TrackingCall
 from consumer.decode import DomainEvent
-from consumer.sample import TrafficGenerator, build_encoder
 from consumer.translate import Translator
+from consumer_dev.sample import TrafficGenerator, build_encoder
 from tests.kafka import Topics, produce, unique_name, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from consumer.contract import MAX_ID, validate_batch, validate_body
 
 SESSION_SPEC = re.compile(r"[A-Za-z0-9]{1,50}")
-VECTORS = Path(__file__).resolve().parent / "data" / "contract-vectors.json"
+VECTORS = Path(__file__).resolve().parents[1] / "docs" / "contract-vectors.json"
 
 
 @given(st.text(max_size=60) | st.from_regex(SESSION_SPEC, fullmatch=True))

@@ -21,6 +21,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import fastavro
@@ -43,7 +44,7 @@ from consumer.decode import (
     registry_client,
 )
 from consumer.errors import ConfigError, DecodeError, PermanentError, RegistryUnavailable, TransientError
-from consumer.sample import ConfluentAvroEncoder, build_encoder
+from consumer_dev.sample import ConfluentAvroEncoder, build_encoder
 from tools.registry_double import RegistryDouble
 
 pytestmark = pytest.mark.unit
@@ -634,7 +635,7 @@ def test_refused_schemas_are_cached_too(
 
 
 def test_the_registry_double_runs_as_a_script_and_stops_on_sigterm() -> None:
-    root = str(SCHEMAS_DIR.parent)
+    root = str(Path(__file__).resolve().parents[1])  # the checkout, where tools/ is
     command = [sys.executable, "-m", "tools.registry_double", "--port", "0"]
     env = {**os.environ, "PYTHONPATH": root}
     with subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, text=True) as process:

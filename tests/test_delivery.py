@@ -18,8 +18,8 @@ import pytest
 from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from consumer.emulator import EmulatorShop, EmulatorThread, Faults
 from consumer.events import short_name
+from consumer_dev.emulator import EmulatorShop, EmulatorThread, Faults
 from tests.kafka import Topics, committed_offsets, end_offsets, produce, unique_name, wait_for
 from tests.relay import (
     SHOPS,

@@ -14,9 +14,9 @@ import orjson
 
 from consumer import resolution
 from consumer.decode import DomainEvent, registry_client
-from consumer.emulator import EmulatorShop, EmulatorThread, Faults
-from consumer.sample import build_encoder
 from consumer.translate import Translator
+from consumer_dev.emulator import EmulatorShop, EmulatorThread, Faults
+from consumer_dev.sample import build_encoder
 from tests.kafka import Topics, end_offsets, produce, produce_with_headers, unique_name, wait_for
 from tests.relay import (
     ROOT,

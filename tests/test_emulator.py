@@ -1,8 +1,7 @@
 """The tracking API emulator: the contract's answers, the event record, the admin API, faults, the CLI.
 
-The contract cases come from ``tests/data/contract-vectors.json``: every vector of
-``shared/reference/contract-vectors.json`` (a test checks each one is there with the same status, so the
-emulator and the contract page cannot drift apart unnoticed), plus the project's own, marked
+The contract cases come from ``docs/contract-vectors.json``, the vectors of the contract page
+``docs/tracking-api.md``: the reference set the project was given, plus its own, marked
 ``"origin": "project"`` (the file's ``about`` says why).
 """
 
@@ -27,7 +26,7 @@ import pytest
 from multidict import CIMultiDictProxy
 
 from consumer.cli import build_parser
-from consumer.emulator import (
+from consumer_dev.emulator import (
     EmulatorServer,
     EmulatorShop,
     EmulatorThread,
@@ -41,10 +40,8 @@ from consumer.emulator import (
 pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[1]
-# The reference vectors (shared/reference/contract-vectors.json) live in the repository with the project's
-# own, so the suite never depends on what sits beside the clone; tests below hold the file to the reference.
-VECTORS_FILE = REPO / "tests" / "data" / "contract-vectors.json"
-REFERENCE_VECTORS = REPO / ".." / "shared" / "reference" / "contract-vectors.json"
+# Beside the contract page they test (docs/tracking-api.md), so a reader finds both in one place.
+VECTORS_FILE = REPO / "docs" / "contract-vectors.json"
 
 PARTNER, KEY = "partner1", "key-1"
 OTHER, OTHER_KEY = "partner2", "key-2"
@@ -56,28 +53,6 @@ def contract_vectors() -> list[Any]:
     return [
         pytest.param(v, id=f"{i:02d}-{v['status']}-{v['method']}-{v['why']}") for i, v in enumerate(vectors)
     ]
-
-
-def _request(vector: dict[str, Any]) -> str:
-    """A vector's request (method and body), as one comparable text."""
-    return json.dumps([vector["method"], vector["body"]], sort_keys=True)
-
-
-@pytest.mark.skipif(not REFERENCE_VECTORS.is_file(), reason="no shared/reference beside this clone")
-def test_every_reference_contract_vector_is_in_the_repositorys_file_with_the_same_status() -> None:
-    ours = {_request(v): v["status"] for v in json.loads(VECTORS_FILE.read_text())["vectors"]}
-    for vector in json.loads(REFERENCE_VECTORS.read_text())["vectors"]:
-        assert _request(vector) in ours, f"reference vector missing from {VECTORS_FILE.name}: {vector['why']}"
-        assert ours[_request(vector)] == vector["status"], f"a different status for: {vector['why']}"
-
-
-@pytest.mark.skipif(not REFERENCE_VECTORS.is_file(), reason="no shared/reference beside this clone")
-def test_the_repositorys_own_contract_vectors_are_marked_as_its_own() -> None:
-    """A vector that is not the reference's says so (``"origin": "project"``), and one that says so is not."""
-    reference = {_request(v) for v in json.loads(REFERENCE_VECTORS.read_text())["vectors"]}
-    for vector in json.loads(VECTORS_FILE.read_text())["vectors"]:
-        own = vector.get("origin") == "project"
-        assert own == (_request(vector) not in reference), vector["why"]
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from fastavro import parse_schema, schemaless_writer
 
 from consumer.decode import registry_client
-from consumer.emulator import EmulatorThread, Faults
-from consumer.sample import build_encoder
+from consumer_dev.emulator import EmulatorThread, Faults
+from consumer_dev.sample import build_encoder
 from tests.kafka import committed_offsets, end_offsets, produce, unique_name, wait_for
 from tests.relay import (
     SHOPS,

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import pytest
 
 from consumer.decode import registry_client
-from consumer.emulator import EmulatorShop, EmulatorThread, Faults
+from consumer_dev.emulator import EmulatorShop, EmulatorThread, Faults
 from tests.kafka import committed_offsets, end_offsets, produce, unique_name, wait_for
 from tests.relay import (
     SHOPS,

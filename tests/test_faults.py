@@ -19,9 +19,9 @@ import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from consumer.decode import registry_client
-from consumer.emulator import EmulatorThread, Faults
-from consumer.sample import build_encoder
 from consumer.service import CLOSE_TIMEOUT_S
+from consumer_dev.emulator import EmulatorThread, Faults
+from consumer_dev.sample import build_encoder
 from tests.kafka import Topics, committed_offsets, end_offsets, produce, unique_name, wait_for
 from tests.relay import (
     RelayProcess,

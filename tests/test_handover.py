@@ -16,7 +16,7 @@ from datetime import datetime
 import pytest
 
 from consumer.decode import registry_client
-from consumer.emulator import EmulatorThread, Faults
+from consumer_dev.emulator import EmulatorThread, Faults
 from tests.kafka import committed_offsets, end_offsets, produce, unique_name, wait_for
 from tests.relay import RelayProcess, Stack, delivered_records, numbered_views
 from tools.registry_double import RegistryDouble

@@ -18,8 +18,8 @@ import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.decode import registry_client
-from consumer.emulator import EmulatorShop, EmulatorThread, Faults
 from consumer.logs import FOLD_WINDOW_S, SecretScrubber
+from consumer_dev.emulator import EmulatorShop, EmulatorThread, Faults
 from tests.kafka import Topics, produce, unique_name, wait_for
 from tests.relay import SHOPS, RelayProcess, Stack, generate, write_config
 from tools import kafka_local

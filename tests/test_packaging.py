@@ -32,7 +32,7 @@ from pydantic import BaseModel
 
 from consumer import cli
 from consumer.config import ENV_DELIMITER, ENV_PREFIX, RelayConfig, Settings, default_key_env, load
-from consumer.emulator import BASE_PATH, parse_shop_option
+from consumer_dev.emulator import BASE_PATH, parse_shop_option
 
 pytestmark = pytest.mark.unit
 
@@ -211,11 +211,36 @@ def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
     return instructions
 
 
+def stages() -> list[tuple[str | None, str, list[tuple[str, str]]]]:
+    """Each stage as ``(alias, the image or stage it is FROM, its instructions, FROM included)``."""
+    found: list[tuple[str | None, str, list[tuple[str, str]]]] = []
+    for keyword, arguments in dockerfile_instructions(DOCKERFILE.read_text(encoding="utf-8")):
+        if keyword == "FROM":
+            words = [word for word in arguments.split() if not word.startswith("--")]
+            alias = words[2].lower() if len(words) >= 3 and words[1].upper() == "AS" else None
+            found.append((alias, words[0], [(keyword, arguments)]))
+        elif found:
+            found[-1][2].append((keyword, arguments))
+    assert found, "the Dockerfile has no FROM"
+    return found
+
+
+def stage(name: str | None = None) -> list[tuple[str, str]]:
+    """What the image of stage ``name`` (the last, the default target, if None) is made of: the instructions
+    of the stages it is built FROM, in order, then its own."""
+    by_alias = {entry[0]: entry for entry in stages() if entry[0]}
+    current = stages()[-1] if name is None else by_alias.get(name)
+    assert current is not None, f"the Dockerfile has no stage {name!r}"
+    chain = current[2]
+    while current[1].lower() in by_alias:
+        current = by_alias[current[1].lower()]
+        chain = current[2] + chain
+    return chain
+
+
 def final_stage() -> list[tuple[str, str]]:
-    """The instructions of the stage the image is made of (from the last FROM on)."""
-    instructions = dockerfile_instructions(DOCKERFILE.read_text(encoding="utf-8"))
-    last_from = max(index for index, (keyword, _) in enumerate(instructions) if keyword == "FROM")
-    return instructions[last_from:]
+    """The instructions of the image ``docker build .`` makes (the last stage, with those it builds on)."""
+    return stage()
 
 
 def dockerfile_env() -> dict[str, str]:
@@ -461,29 +486,54 @@ def test_dockerfile_base_images_are_pinned() -> None:
         tag = image.rpartition("/")[2].partition(":")[2]
         assert "@sha256:" in image or (tag and tag.split("@")[0] != "latest"), f"FROM {image} is not pinned"
     # The runtime image runs the oldest Python the project supports, the one its tests and lint target.
-    final_image = froms[-1].split()[0]
+    final_image = final_stage()[0][1].split()[0]
     requires = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["project"]["requires-python"]
     version = re.search(r"\d+\.\d+", requires)
     assert version
     assert final_image.startswith(f"python:{version.group(0)}-"), f"{final_image} is not Python {requires}"
 
 
-def test_dockerfile_ships_the_schemas_and_points_at_them() -> None:
-    """The reader schemas live outside the package, so the image must copy them and set RR_SCHEMAS_DIR."""
-    env = dockerfile_env()
-    assert SCHEMAS_VARIABLE in env, f"the Dockerfile does not set {SCHEMAS_VARIABLE}"
-    copies = [
-        shlex.split(arguments)
-        for keyword, arguments in final_stage()
-        if keyword in ("COPY", "ADD") and "--from" not in arguments
-    ]
-    destinations = {
-        PurePosixPath(words[-1]) for words in copies if any(w.rstrip("/") == "schemas" for w in words[:-1])
-    }
-    assert destinations, "the final stage does not COPY schemas/"
-    assert PurePosixPath(env[SCHEMAS_VARIABLE]) in destinations, (
-        f"{SCHEMAS_VARIABLE} is not where schemas/ is copied"
+def test_the_image_reads_the_schemas_from_the_package() -> None:
+    """The reader schemas are package data in the wheel: the image neither copies them nor points at them."""
+    assert SCHEMAS_VARIABLE not in dockerfile_env(), (
+        f"the Dockerfile sets {SCHEMAS_VARIABLE}: the schemas come with the package"
     )
+    for keyword, arguments in final_stage():
+        words = shlex.split(arguments)
+        assert not (keyword in ("COPY", "ADD") and any(w.rstrip("/").endswith("schemas") for w in words)), (
+            f"{keyword} {arguments}: the schemas come with the package"
+        )
+        assert not (keyword == "RUN" and "ln -s" in arguments), f"RUN {arguments}: a link into site-packages"
+
+
+def installs(instructions: list[tuple[str, str]]) -> str:
+    """The text of every RUN of ``instructions``: what the stage installs."""
+    return " ".join(arguments for keyword, arguments in instructions if keyword == "RUN")
+
+
+def test_the_default_image_has_no_development_tools_and_the_dev_image_has_them() -> None:
+    """``docker build .`` is the production image: the runtime wheel only; ``--target dev`` adds the tools."""
+    assert "wheels-dev" not in installs(final_stage()), "the default image installs the development tools"
+    assert "rr-consumer" in installs(final_stage())
+    assert "wheels-dev" in installs(stage("dev")), "the dev stage does not install rr-consumer-dev"
+
+
+def build_target(name: str) -> str | None:
+    build = service(name).get("build")
+    return None if isinstance(build, str) or build is None else build.get("target")
+
+
+@pytest.mark.parametrize("name", ["emulator", "sample-producer"])
+def test_compose_builds_the_dev_image_for_the_development_commands(name: str) -> None:
+    """The emulator and the traffic generator are development commands: their services need the dev image."""
+    assert command(service(name))[0] in cli.DEV_COMMANDS
+    assert build_target(name) == "dev", f"service {name!r} builds target {build_target(name)!r}, not dev"
+
+
+def test_compose_runs_the_relay_from_the_production_image() -> None:
+    """The relay in the stack is the image a platform deploys, not one with the development tools."""
+    target = build_target("relay")
+    assert target in (None, stages()[-1][0]), f"the relay builds target {target!r}, not the default"
 
 
 def test_dockerfile_entrypoint_is_the_console_script() -> None:

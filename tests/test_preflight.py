@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from consumer.emulator import EmulatorThread
+from consumer_dev.emulator import EmulatorThread
 from tests.kafka import Topics, unique_name
 from tests.relay import ROOT, RelayProcess, Stack, generate, produce_traffic, relay_env, wait_delivered
 from tools import kafka_local

@@ -17,6 +17,7 @@ from pydantic import SecretStr
 
 from consumer.config import ShopConfig
 from consumer.ratelimit import ShopRateLimiters, TokenBucket, default_burst
+from consumer_dev.emulator import AdmissionBucket
 
 pytestmark = pytest.mark.unit
 
@@ -185,7 +186,7 @@ async def test_concurrent_callers_are_served_first_come_first_served_at_the_rate
 
 
 async def test_acquire_does_not_sleep_when_a_token_is_free() -> None:
-    bucket = TokenBucket(rate=10, burst=1, clock=FakeClock())
+    bucket = AdmissionBucket(rate=10, burst=1, clock=FakeClock())
     sleeps: list[float] = []
 
     async def record(delay: float) -> None:
@@ -196,12 +197,12 @@ async def test_acquire_does_not_sleep_when_a_token_is_free() -> None:
     assert sleeps == []
 
 
-# --- try_acquire: the server's side ------------------------------------------------------------------
+# --- try_acquire: the server's side (the emulator's bucket) -------------------------------------------------
 
 
 def test_try_acquire_takes_a_free_token_and_otherwise_says_how_long_without_booking() -> None:
     clock = FakeClock()
-    bucket = TokenBucket(rate=4, burst=1, clock=clock)
+    bucket = AdmissionBucket(rate=4, burst=1, clock=clock)
 
     assert bucket.try_acquire() == 0
     assert bucket.try_acquire() == pytest.approx(0.25)
@@ -215,7 +216,7 @@ def test_try_acquire_takes_a_free_token_and_otherwise_says_how_long_without_book
 
 def test_a_hold_grants_nothing_before_its_deadline_and_then_restarts_without_a_burst() -> None:
     clock = FakeClock()
-    bucket = TokenBucket(rate=10, burst=5, clock=clock)
+    bucket = AdmissionBucket(rate=10, burst=5, clock=clock)
 
     bucket.hold_until(3.0)
     times = send_times(bucket, clock, [0.0, 1.0, 2.0, 2.5])
@@ -258,7 +259,7 @@ async def test_callers_already_waiting_when_a_hold_arrives_wait_it_out_in_order_
 
 def test_an_unlimited_bucket_never_waits_but_can_be_held() -> None:
     clock = FakeClock()
-    bucket = TokenBucket(rate=math.inf, clock=clock)
+    bucket = AdmissionBucket(rate=math.inf, clock=clock)
 
     assert [bucket.reserve() for _ in range(1000)] == [0.0] * 1000
     bucket.hold_until(1.5)

@@ -18,8 +18,8 @@ from consumer.config import ShopConfig
 from consumer.contract import MAX_STRING
 from consumer.decode import DomainEvent, load_reader_schemas, registry_client
 from consumer.errors import ConfigError
-from consumer.sample import Mix, TrafficGenerator, build_encoder
 from consumer.translate import Translator
+from consumer_dev.sample import Mix, TrafficGenerator, build_encoder
 
 pytestmark = pytest.mark.unit
 

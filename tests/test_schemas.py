@@ -1,4 +1,4 @@
-"""The Avro schemas in ``schemas/``: one documented record per event, in one namespace, with common fields.
+"""The Avro schemas (``consumer/schemas/``): one documented record per event, one namespace, common fields.
 
 Schema evolution (a newer or older writer read with these schemas) is shown in ``test_decode.py``, where the
 decoder that relies on it lives.

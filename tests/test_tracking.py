@@ -27,7 +27,6 @@ from yarl import URL
 
 from consumer.config import ShopConfig, TrackingConfig
 from consumer.contract import Method, TrackingCall
-from consumer.emulator import EmulatorServer, EmulatorShop, Faults
 from consumer.tracking import (
     CATCH_ALL,
     HANDLED_EXCEPTIONS,
@@ -43,6 +42,7 @@ from consumer.tracking import (
     parse_retry_after,
     redact_url,
 )
+from consumer_dev.emulator import EmulatorServer, EmulatorShop, Faults
 
 pytestmark = pytest.mark.unit
 

@@ -2,7 +2,7 @@
 
     python -m tools.bench_translate [--records 20000] [--repeat 5]
 
-Encodes ``--records`` events of :class:`consumer.sample.TrafficGenerator` in each format (``confluent-avro``
+Encodes ``--records`` events of ``consumer_dev.sample.TrafficGenerator`` in each format (``confluent-avro``
 against the client's in-memory ``mock://`` registry: after the first record of each type, its schemas come
 from the decoder's cache), then times decoding all of them, translating all of them, and both together, and
 prints the best of ``--repeat`` runs in microseconds per record. A measurement to read, not a test: figures
@@ -21,8 +21,8 @@ from pydantic import SecretStr
 
 from consumer.config import ShopConfig
 from consumer.decode import VALUE_FORMATS, Decoder, DomainEvent, ValueFormat, build_decoder, registry_client
-from consumer.sample import TrafficGenerator, build_encoder
 from consumer.translate import Translator
+from consumer_dev.sample import TrafficGenerator, build_encoder
 
 SHOPS = ("shop1", "shop2", "shop3")
 

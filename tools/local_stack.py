@@ -21,8 +21,8 @@ from pathlib import Path
 
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from consumer.emulator import EmulatorShop, EmulatorThread
-from consumer.sample_producer import produce_sample
+from consumer_dev.emulator import EmulatorShop, EmulatorThread
+from consumer_dev.sample_producer import produce_sample
 from tools import kafka_local
 from tools.registry_double import RegistryDouble
 

@@ -1,6 +1,6 @@
 """The backlog every figure reads: realistic shop traffic, produced once per run.
 
-The events come from :class:`consumer.sample.TrafficGenerator` (the mix of Retail Rocket's public e-commerce
+The events come from ``consumer_dev.sample.TrafficGenerator`` (the mix of Retail Rocket's public e-commerce
 data set: mostly views, some basket adds, multi-item orders), with a fixed seed and a fixed start time, so
 two runs produce the same records; ``produce_sample`` would stamp them with the wall clock instead. Values are
 Avro in the Confluent wire format, their schemas registered with the registry double; keys are the visitor's
@@ -25,8 +25,8 @@ from pydantic import SecretStr
 from consumer.clients import close_producer
 from consumer.config import ShopConfig
 from consumer.decode import DomainEvent, registry_client
-from consumer.sample import TrafficGenerator, build_encoder
 from consumer.translate import Translator
+from consumer_dev.sample import TrafficGenerator, build_encoder
 from tools.bench.stack import BenchError, Shop
 
 PARTITIONS: Final = 6

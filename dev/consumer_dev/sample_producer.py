@@ -1,6 +1,6 @@
 """``rr-consumer produce-sample``: realistic shop traffic into a Kafka topic, for the local stack and tests.
 
-The events come from :class:`consumer.sample.TrafficGenerator` (the mix of Retail Rocket's public
+The events come from :class:`consumer_dev.sample.TrafficGenerator` (the mix of Retail Rocket's public
 e-commerce data set); each record's key is the visitor's session id, so one visitor's events stay in one
 partition, in order, as a shop platform would publish them.
 """
@@ -16,7 +16,7 @@ from confluent_kafka import KafkaError, Message, Producer
 from consumer.clients import close_producer
 from consumer.config import ValueFormat
 from consumer.decode import registry_client
-from consumer.sample import TrafficGenerator, build_encoder
+from consumer_dev.sample import TrafficGenerator, build_encoder
 
 
 def produce_sample(

@@ -2,7 +2,7 @@
 
 Used by the tests, the local stack and the benchmarks, and on its own as ``rr-consumer emulator``. The six
 single-event methods and ``visitorEvents`` live under ``/1.0/`` like the real base URL; they answer exactly as
-``shared/reference/tracking-api.md`` says, with the validation rules of :mod:`consumer.contract`:
+``docs/tracking-api.md`` says, with the validation rules of :mod:`consumer.contract`:
 
 ====================================================  ======
 the request                                           answer
@@ -80,6 +80,32 @@ MAX_BODY: Final = 8 * 1024 * 1024
 UNKNOWN_METHOD: Final = "(unknown)"
 #: The counters' name for the "status" of a request answered by resetting its connection.
 RESET: Final = "reset"
+
+
+class AdmissionBucket(TokenBucket):
+    """The relay's token bucket seen from the server's side: a request either finds a free slot or is refused.
+
+    The relay queues for a slot (:meth:`TokenBucket.acquire`); a rate-limited API answers 429 instead, so
+    this only ever takes a slot that is free now. It lives here, with the only code that needs it, so the
+    runtime package carries nothing the emulator alone uses.
+    """
+
+    __slots__ = ()
+
+    def try_acquire(self) -> float:
+        """Take a slot only if one is free now: return 0.0 when taken, else the seconds until one is free.
+
+        This is the server's side of a rate limit (answer 429 instead of queueing); nothing is booked when
+        the answer is "wait".
+        """
+        now = self._clock()
+        start = max(self._tat, now)
+        send_at = max(now, start - self._tolerance, self._held_until)
+        if send_at > now:
+            return send_at - now
+        self._tat = start + self._interval
+        return 0.0
+
 
 Outage = Literal["none", "503", "refuse", "reset"]
 OUTAGES: Final[tuple[str, ...]] = get_args(Outage)
@@ -249,7 +275,7 @@ class EmulatorState:
         # Twice the client's default burst: the average rate is enforced exactly, but a client that keeps to
         # it is not refused because the network delivered two of its calls closer together than it sent them.
         self._buckets = {
-            shop.partner_id: TokenBucket(shop.rate_limit, burst=2 * default_burst(shop.rate_limit))
+            shop.partner_id: AdmissionBucket(shop.rate_limit, burst=2 * default_burst(shop.rate_limit))
             for shop in self.shops.values()
             if shop.rate_limit is not None
         }

@@ -14,7 +14,7 @@ Rocket's public e-commerce data set (2.76 M events of one shop over 4.5 months o
   the basket; one order in four repeats a product on a second line (sometimes at a discount) to exercise the
   merge of line items.
 
-Fields are in the Avro shape of ``schemas/`` (``occurredAt`` as epoch milliseconds, ``unitPrice`` as a
+Fields are in the Avro shape of the schemas (``occurredAt`` as epoch milliseconds, ``unitPrice`` as a
 Decimal with two places), ready for :func:`build_encoder`. Producing them to Kafka is done elsewhere.
 """
 
