@@ -363,15 +363,17 @@ class ConfluentAvroDecoder:
             raise RegistryUnavailable(f"schema registry answered without a schema for {label}")
         return schema
 
-    def _named_types(self, schema: Schema, label: str) -> dict[str, Any]:
-        """The named types a writer schema's references define, parsed, by full name (empty without any).
+    def _named_types(self, schema: Schema, label: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The named types a writer schema's references define: parsed by fastavro (its ``named_schemas``),
+        and as JSON by full name (for :func:`_flattened`). Both empty without references.
 
         References are followed depth-first (a referenced schema's own references are parsed before it), and
         each subject version once, so a type reached along two paths is defined once. A reference the
-        registry does not know is permanent (raised as a :class:`_Refusal`'s error, not cached: the
-        reference may be registered later); an unreachable registry is transient, as for the schema itself.
+        registry does not know is permanent (a DecodeError, not cached: the reference may be registered
+        later); an unreachable registry is transient, as for the schema itself.
         """
         named: dict[str, Any] = {}
+        definitions: dict[str, Any] = {}
         seen: set[tuple[str, int]] = set()
         registry = self._registry
 
@@ -390,25 +392,27 @@ class ConfluentAvroDecoder:
                     raise RegistryUnavailable(f"schema registry answered without a schema for {what}")
                 visit(registered.schema.references, what)
                 try:
-                    parse_schema(_without_timestamp_conversion(json.loads(text)), named_schemas=named)
+                    raw = _without_timestamp_conversion(json.loads(text))
+                    parse_schema(raw, named_schemas=named)
                 except (ValueError, TypeError, KeyError, SchemaParseException) as exc:
                     raise _BadReference(f"{what} is not a schema this service can parse: {exc!r}") from exc
+                if isinstance(raw, dict) and isinstance(raw.get("name"), str):
+                    definitions[_full_name(raw, "")] = raw
 
         visit(schema.references, label)
-        return named
+        return named, definitions
 
     def _plan(self, label: str, schema: Schema) -> _WriterPlan | _Refusal:
         kind = schema.schema_type or "AVRO"
         if kind != "AVRO":
             return _Refusal(f"{label} is a {kind} schema, not Avro")
         try:
-            named = self._named_types(schema, label)
+            named, definitions = self._named_types(schema, label)
         except _BadReference as exc:
             return _Refusal(str(exc))
         try:
-            writer = parse_schema(
-                _without_timestamp_conversion(json.loads(schema.schema_str or "")), named_schemas=named
-            )
+            raw = _without_timestamp_conversion(json.loads(schema.schema_str or ""))
+            writer = parse_schema(raw, named_schemas=named)
         # The registry validates what it stores, so this is theoretical; fastavro reports malformed schemas
         # with these four types (ValueError includes bad JSON and UnknownType).
         except (ValueError, TypeError, KeyError, SchemaParseException) as exc:
@@ -420,14 +424,73 @@ class ConfluentAvroDecoder:
         record = self._catalogue.by_full_name.get(name)
         if record is None:
             return _Refusal(f"record type {name} ({label}) is not an event this service knows", name)
-        # A writer with references names its shared types where the reader defines them inline: never the
-        # same shape, so it is always read with resolution (correct, and only a little slower).
-        same = not named and _shape(writer) == _shape(record.decoding)
+        if definitions:
+            # A writer with references names its shared types where the reader defines them inline. Read with
+            # resolution, it decodes several times slower (tools/bench_decode.py); flattened, the writer is
+            # often the reader's very shape, and then read as fast as any other.
+            writer = _flat_if_same(raw, definitions, record.decoding) or writer
+        same = _shape(writer) == _shape(record.decoding)
         return _WriterPlan(record.type, writer, None if same else record.decoding, f"{name} ({label})")
 
 
 class _BadReference(Exception):
     """A writer schema's reference that can never resolve (malformed, or not a parseable schema)."""
+
+
+_NAMED_KINDS: Final = frozenset({"record", "error", "enum", "fixed"})
+
+
+def _full_name(node: Mapping[str, Any], namespace: str) -> str:
+    name = str(node["name"])
+    if "." in name:
+        return name
+    space = node.get("namespace", namespace) or ""
+    return f"{space}.{name}" if space else name
+
+
+def _flattened(node: Any, definitions: Mapping[str, Any], defined: set[str], namespace: str) -> Any:
+    """A writer schema (JSON) with each referenced type defined inline where it is first used, as a
+    self-contained schema defines it; later uses keep the name. A candidate only: see :func:`_flat_if_same`."""
+    if isinstance(node, str):
+        full = node if "." in node or not namespace else f"{namespace}.{node}"
+        for name in (full, node):
+            if name in definitions and name not in defined:
+                defined.add(name)
+                return _flattened(definitions[name], definitions, defined, namespace)
+        return node
+    if isinstance(node, list):
+        return [_flattened(item, definitions, defined, namespace) for item in node]
+    if not isinstance(node, dict):
+        return node
+    copy = dict(node)
+    kind = node.get("type")
+    if kind in _NAMED_KINDS:
+        full = _full_name(node, namespace)
+        defined.add(full)
+        copy["name"] = full  # absolute, so its meaning does not depend on where it was inlined
+        copy.pop("namespace", None)
+        namespace = full.rpartition(".")[0]
+    if kind in ("record", "error"):
+        copy["fields"] = [
+            {**f, "type": _flattened(f["type"], definitions, defined, namespace)} for f in node["fields"]
+        ]
+    elif kind == "array":
+        copy["items"] = _flattened(node["items"], definitions, defined, namespace)
+    elif kind == "map":
+        copy["values"] = _flattened(node["values"], definitions, defined, namespace)
+    elif not isinstance(kind, str) or kind not in _NAMED_KINDS:
+        copy["type"] = _flattened(kind, definitions, defined, namespace)
+    return copy
+
+
+def _flat_if_same(raw: Any, definitions: Mapping[str, Any], reader: ParsedSchema) -> ParsedSchema | None:
+    """The writer flattened and parsed, when that is exactly the reader's shape; else None (read with
+    resolution against the writer parsed with its references, which is always right)."""
+    try:
+        flat = parse_schema(_flattened(raw, definitions, set(), ""))
+    except (ValueError, TypeError, KeyError, SchemaParseException):
+        return None
+    return cast(ParsedSchema, flat) if _shape(flat) == _shape(reader) else None
 
 
 def _header_schema_id(headers: Headers, name: str) -> bytes | None:
