@@ -450,7 +450,7 @@ def _full_name(node: Mapping[str, Any], namespace: str) -> str:
 
 def _flattened(node: Any, definitions: Mapping[str, Any], defined: set[str], namespace: str) -> Any:
     """A writer schema (JSON) with each referenced type defined inline where it is first used, as a
-    self-contained schema defines it; later uses keep the name. A candidate only: see :func:`_flat_if_same`."""
+    self-contained schema defines it; later uses keep the name. Only a candidate: see _flat_if_same."""
     if isinstance(node, str):
         full = node if "." in node or not namespace else f"{namespace}.{node}"
         for name in (full, node):
