@@ -305,6 +305,7 @@ class ConfluentAvroDecoder:
         # the bytes a value starts with or a __value_schema_id header holds: the hot path checks the magic
         # byte and finds the plan with one slice and one look-up.
         self._by_header: dict[bytes, _WriterPlan] = {}
+        self._reader_fields = _reader_fields(catalogue)
 
     def decode(self, value: bytes | None, headers: Headers | None = None) -> DomainEvent:
         if headers is None:  # most records carry no headers: the id is the first five bytes, or not cached
@@ -412,6 +413,7 @@ class ConfluentAvroDecoder:
             return _Refusal(str(exc))
         try:
             raw = _without_timestamp_conversion(json.loads(schema.schema_str or ""))
+            raw = _renamed_by_aliases(raw, self._reader_fields, "")
             writer = parse_schema(raw, named_schemas=named)
         # The registry validates what it stores, so this is theoretical; fastavro reports malformed schemas
         # with these four types (ValueError includes bad JSON and UnknownType).
@@ -431,6 +433,76 @@ class ConfluentAvroDecoder:
             writer = _flat_if_same(raw, definitions, record.decoding) or writer
         same = _shape(writer) == _shape(record.decoding)
         return _WriterPlan(record.type, writer, None if same else record.decoding, f"{name} ({label})")
+
+
+def _reader_fields(catalogue: _Catalogue) -> dict[str, frozenset[str]]:
+    """The field names of every record type the reader schemas define (nested ones too), by full name."""
+    found: dict[str, frozenset[str]] = {}
+
+    def walk(node: Any) -> None:
+        if isinstance(node, list):
+            for item in node:
+                walk(item)
+        elif isinstance(node, dict):
+            if node.get("type") in ("record", "error"):
+                found[str(node["name"])] = frozenset(f["name"] for f in node["fields"])
+                for f in node["fields"]:
+                    walk(f["type"])
+            else:
+                for key in ("type", "items", "values"):
+                    walk(node.get(key))
+
+    for record in catalogue.by_full_name.values():
+        walk(record.parsed)
+    return found
+
+
+def _renamed_by_aliases(node: Any, reader: Mapping[str, frozenset[str]], namespace: str) -> Any:
+    """A writer schema (JSON) with its aliases applied toward the reader's names.
+
+    Avro resolves aliases on the reader's side only: a platform that renames a field (or a record) and keeps
+    the old name as an alias writes a schema the registry accepts as BACKWARD compatible, but an older
+    reader, as the relay's schemas are, would drop the field (take its default) or not know the record. So
+    the writer is read as if it used the old name wherever the reader knows that name and the writer does
+    not: names only, never a layout, so the bytes read exactly as written.
+    """
+    if isinstance(node, list):
+        return [_renamed_by_aliases(item, reader, namespace) for item in node]
+    if not isinstance(node, dict):
+        return node
+    kind = node.get("type")
+    copy = dict(node)
+    if kind in _NAMED_KINDS:
+        full = _full_name(node, namespace)
+        namespace = full.rpartition(".")[0]
+        if full not in reader:
+            known = [a for a in (_alias_name(a, namespace) for a in node.get("aliases", ())) if a in reader]
+            if known:
+                copy["name"], copy["namespace"] = known[0].rpartition(".")[2], known[0].rpartition(".")[0]
+                full, namespace = known[0], known[0].rpartition(".")[0]
+    if kind in ("record", "error"):
+        wanted = reader.get(full, frozenset())
+        present = {f["name"] for f in node["fields"]}
+        fields = []
+        for f in node["fields"]:
+            renamed = dict(f, type=_renamed_by_aliases(f["type"], reader, namespace))
+            if f["name"] not in wanted:
+                old = [a for a in f.get("aliases", ()) if a in wanted and a not in present]
+                if old:
+                    renamed["name"] = old[0]
+            fields.append(renamed)
+        copy["fields"] = fields
+    elif kind == "array":
+        copy["items"] = _renamed_by_aliases(node["items"], reader, namespace)
+    elif kind == "map":
+        copy["values"] = _renamed_by_aliases(node["values"], reader, namespace)
+    elif isinstance(kind, dict | list):
+        copy["type"] = _renamed_by_aliases(kind, reader, namespace)
+    return copy
+
+
+def _alias_name(alias: str, namespace: str) -> str:
+    return alias if "." in alias or not namespace else f"{namespace}.{alias}"
 
 
 class _BadReference(Exception):

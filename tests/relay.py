@@ -43,8 +43,32 @@ def toml_value(value: Any) -> str:
 
 
 @dataclass
+class SchemaRegistry:
+    """The session's real Schema Registry (``tools.registry_local``, or ``SCHEMA_REGISTRY_URL``'s).
+
+    :meth:`client` gives clients that stay open until the session ends (:meth:`close`): a real registry keeps
+    its connections alive, so a client left to the garbage collector would leave an unclosed socket behind.
+    """
+
+    url: str
+    _clients: list[Any] = field(default_factory=list, repr=False)
+
+    def client(self) -> Any:
+        """A new client of the registry (its own cache: what it reads, it asks the registry for)."""
+        from consumer.decode import registry_client
+
+        self._clients.append(registry_client(self.url))
+        return self._clients[-1]
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.close()
+        self._clients.clear()
+
+
+@dataclass
 class Stack:
-    """What an end-to-end test wires a relay to: the broker, the registry double, the emulator, a folder."""
+    """What an end-to-end test wires a relay to: the broker, the real registry, the emulator, a folder."""
 
     bootstrap: str
     topics: Topics

@@ -279,3 +279,42 @@ def test_a_reference_the_registry_does_not_know_is_a_permanent_decode_error(
         build_decoder("confluent-avro", registry=registry).decode(value)
     assert isinstance(caught.value, PermanentError)
     assert not isinstance(caught.value, SchemaNotFound)
+
+
+# --- aliases: Avro resolves them on the reader's side only; the relay's reader is the older one -------------
+
+
+def test_a_writer_that_renamed_a_field_keeping_the_old_name_as_an_alias_decodes_it_by_the_old_name(
+    registry: SchemaRegistryClient,
+) -> None:
+    newer = json.loads(schema_text("ProductViewed"))
+    stock = next(f for f in newer["fields"] if f["name"] == "stockId")
+    stock.update(name="warehouseId", aliases=["stockId"])
+    fields = {k: v for k, v in EVENTS["ProductViewed"].items() if k != "stockId"} | {"warehouseId": "Berlin"}
+    value = write(register(registry, f"{TOPIC}-value", newer, []), [newer], fields)
+    event = build_decoder("confluent-avro", registry=registry).decode(value)
+    assert event == DomainEvent("ProductViewed", EVENTS["ProductViewed"] | {"stockId": "Berlin"})
+
+
+def test_a_writer_that_renamed_its_record_keeping_the_old_name_as_an_alias_is_the_same_event(
+    registry: SchemaRegistryClient,
+) -> None:
+    renamed = json.loads(schema_text("CategoryViewed")) | {
+        "name": "CategoryOpened",
+        "aliases": ["CategoryViewed"],
+    }
+    value = write(register(registry, f"{TOPIC}-value", renamed, []), [renamed], EVENTS["CategoryViewed"])
+    event = build_decoder("confluent-avro", registry=registry).decode(value)
+    assert event == DomainEvent("CategoryViewed", EVENTS["CategoryViewed"])
+
+
+def test_an_alias_never_takes_a_name_the_writer_still_uses(registry: SchemaRegistryClient) -> None:
+    """A writer with both ``stockId`` and a new field aliased to it keeps its own ``stockId``."""
+    newer = json.loads(schema_text("ProductViewed"))
+    newer["fields"].append(
+        {"name": "depot", "type": ["null", "string"], "default": None, "aliases": ["stockId"]}
+    )
+    fields = EVENTS["ProductViewed"] | {"depot": "elsewhere"}
+    value = write(register(registry, f"{TOPIC}-value", newer, []), [newer], fields)
+    event = build_decoder("confluent-avro", registry=registry).decode(value)
+    assert event == DomainEvent("ProductViewed", EVENTS["ProductViewed"])

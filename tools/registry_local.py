@@ -230,9 +230,9 @@ def start(data_root: Path | None = None, deadline_s: float = START_DEADLINE_S) -
                 "-Dquarkus.http.host=127.0.0.1",
                 f"-Dquarkus.management.port={management}",
                 "-Dquarkus.management.host=127.0.0.1",
-                # Unique topic names per test: the default cap of 1,000 subjects is far too low for a suite.
-                "-Dapicurio.limits.config.max-total-schemas=-1",
-                "-Dapicurio.limits.config.max-artifacts=-1",
+                # Tests name topics (and so subjects) uniquely: the default cap of 1,000 ccompat subjects is
+                # within reach of one suite run against one registry.
+                "-Dapicurio.ccompat.max-subjects=1000000",
                 "-jar",
                 str(app / "quarkus-run.jar"),
             ],
