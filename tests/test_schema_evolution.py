@@ -24,7 +24,7 @@ from consumer.emulator import EmulatorThread
 from tests.kafka import committed_offsets, end_offsets, produce_with_headers, unique_name
 from tests.relay import OCCURRED, RelayProcess, SchemaRegistry, Stack, expected_calls, wait_delivered
 
-PV = "com.shopplatform.events.ProductViewed"
+PV = "ProductViewed"
 
 
 def product_viewed() -> dict[str, Any]:
@@ -69,7 +69,7 @@ def versions() -> list[tuple[str, dict[str, Any], Callable[[dict[str, Any]], dic
         (
             "v3 drops optional groupId",
             v3,
-            lambda f: {k: v for k, v in f | {"referrer": None}.items() if k != "groupId"},
+            lambda f: {k: v for k, v in (f | {"referrer": None}).items() if k != "groupId"},
         ),
         ("v4 renames stockId, alias kept", v4, renamed),
     ]
