@@ -52,6 +52,8 @@ APICURIO_VERSION = "3.3.3"
 ARTIFACT = f"io.apicurio:apicurio-registry-app:{APICURIO_VERSION}:tar.gz:all"
 GET_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.7.1:get"
 MIN_JAVA = 21
+#: Where Debian and Ubuntu install JDKs (the Temurin packages too), side by side.
+JVM_ROOT = Path("/usr/lib/jvm")
 #: Where the Confluent-compatible API lives on an Apicurio server.
 CCOMPAT_PATH = "/apis/ccompat/v7"
 START_DEADLINE_S = 120.0
@@ -151,15 +153,15 @@ def _java_version(java: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def find_java(minimum: int = MIN_JAVA) -> Path:
-    """A ``java`` of version ``minimum`` or newer: ``JAVA_HOME``'s if new enough, else the newest JDK under
-    ``/usr/lib/jvm``, else the one on PATH. Raises :class:`RegistryError` naming what was found."""
+def find_java(minimum: int = MIN_JAVA, jvm_root: Path = JVM_ROOT) -> Path:
+    """A ``java`` of version ``minimum`` or newer: ``JAVA_HOME``'s if new enough, else the newest of the JDKs
+    under ``jvm_root`` and the one on PATH. Raises :class:`RegistryError` naming what was found."""
     seen: list[str] = []
     candidates: list[Path] = []
     home = os.environ.get("JAVA_HOME")
     if home:
         candidates.append(Path(home) / "bin" / "java")
-    candidates.extend(sorted(Path("/usr/lib/jvm").glob("*/bin/java")))
+    candidates.extend(sorted(jvm_root.glob("*/bin/java")))
     on_path = shutil.which("java")
     if on_path:
         candidates.append(Path(on_path))
