@@ -133,8 +133,9 @@ def test_java_home_wins_when_new_enough_else_the_newest_jdk_found_is_used(
 
 
 def test_a_registry_that_dies_while_starting_fails_at_once_with_its_log(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, schema_registry_url: str
 ) -> None:
+    """(The session's registry is asked for only so the application is fetched already.)"""
     java = fake_java(tmp_path / "jdk", "echo 'Quarkus failed: port already bound' ; exit 3")
     monkeypatch.setattr(registry_local, "find_java", lambda: java)
     with pytest.raises(registry_local.RegistryError) as caught:
@@ -146,7 +147,7 @@ def test_a_registry_that_dies_while_starting_fails_at_once_with_its_log(
 
 
 def test_a_registry_that_never_gets_ready_is_stopped_at_the_deadline_with_its_log(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, schema_registry_url: str
 ) -> None:
     java = fake_java(tmp_path / "jdk", "echo 'still starting'; exec sleep 600")
     monkeypatch.setattr(registry_local, "find_java", lambda: java)
