@@ -206,12 +206,16 @@ def _without_timestamp_conversion(node: Any) -> Any:
     return copy
 
 
+_NOT_SHAPE: Final = frozenset({"doc", "aliases"})
+
+
 def _shape(schema: Any) -> Any:
-    """What decides how bytes are read: the parsed schema without docs and fastavro's bookkeeping keys."""
+    """What decides how bytes are read: the parsed schema without docs, aliases (names only: a writer's are
+    applied before, see _renamed_by_aliases) and fastavro's bookkeeping keys."""
     if isinstance(schema, list):
         return [_shape(item) for item in schema]
     if isinstance(schema, dict):
-        return {k: _shape(v) for k, v in schema.items() if k != "doc" and not k.startswith("__")}
+        return {k: _shape(v) for k, v in schema.items() if k not in _NOT_SHAPE and not k.startswith("__")}
     return schema
 
 
@@ -416,8 +420,9 @@ class ConfluentAvroDecoder:
             raw = _renamed_by_aliases(raw, self._reader_fields, "")
             writer = parse_schema(raw, named_schemas=named)
         # The registry validates what it stores, so this is theoretical; fastavro reports malformed schemas
-        # with these four types (ValueError includes bad JSON and UnknownType).
-        except (ValueError, TypeError, KeyError, SchemaParseException) as exc:
+        # with these four types (ValueError includes bad JSON and UnknownType), the alias walk with
+        # AttributeError (a field that is no object).
+        except (ValueError, TypeError, KeyError, AttributeError, SchemaParseException) as exc:
             return _Refusal(f"{label} is not a schema this service can parse: {exc!r}")
         if not isinstance(writer, dict) or writer.get("type") != "record":
             kind = _avro_kind(writer)
