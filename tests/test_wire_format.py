@@ -318,3 +318,19 @@ def test_an_alias_never_takes_a_name_the_writer_still_uses(registry: SchemaRegis
     value = write(register(registry, f"{TOPIC}-value", newer, []), [newer], fields)
     event = build_decoder("confluent-avro", registry=registry).decode(value)
     assert event == DomainEvent("ProductViewed", EVENTS["ProductViewed"])
+
+
+def test_headers_given_as_a_mapping_are_read_too(registry: SchemaRegistryClient) -> None:
+    """confluent-kafka gives a list of pairs; a mapping (as its serializers also accept) reads the same."""
+    value, _ = serialize(registry, "CategoryViewed")
+    headers = {VALUE_SCHEMA_ID_HEADER: value[:5], "traceparent": b"00-1-2-01"}
+    event = build_decoder("confluent-avro", registry=registry).decode(value[5:], headers)
+    assert event == DomainEvent("CategoryViewed", EVENTS["CategoryViewed"])
+
+
+def test_a_record_with_other_headers_only_reads_its_id_from_the_value(registry: SchemaRegistryClient) -> None:
+    value, _ = serialize(registry, "ProductViewed")
+    decoder = build_decoder("confluent-avro", registry=registry)
+    for _ in range(2):  # the second time from the cache
+        event = decoder.decode(value, [("traceparent", b"00-1-2-01"), ("source", None)])
+        assert event == DomainEvent("ProductViewed", EVENTS["ProductViewed"])
