@@ -1,5 +1,6 @@
 # One command runs the service on a local stack (`make run`); one command runs the tests (`make test`).
-# Everything a fresh machine needs beyond Python 3.11+, Java 17+, Maven and Go is installed from here.
+# Everything a fresh machine needs beyond Python 3.11+, Java 17+ (21+ for the Schema Registry), Maven and Go is
+# installed from here.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv lint format test test-unit kafka-up kafka-down run bench helm clean
+.PHONY: help venv lint format test test-unit kafka-up kafka-down registry-up registry-down run bench helm clean
 
 help:
 	@echo "make run        start the local stack (broker, emulator, relay, traffic generator); Ctrl-C stops it"
@@ -15,6 +16,7 @@ help:
 	@echo "make test-unit  only the fast tests that need no broker"
 	@echo "make lint       ruff and mypy --strict"
 	@echo "make kafka-up   start a local broker in the background (make kafka-down stops it)"
+	@echo "make registry-up  start a local Schema Registry in the background (make registry-down stops it)"
 	@echo "make bench      the benchmark (about 10 minutes); writes BENCHMARKS.md"
 	@echo "make helm       build Helm into the cache (once) and lint the chart in deploy/helm/rr-consumer"
 
@@ -36,14 +38,15 @@ format: venv
 	$(VENV)/bin/ruff format consumer dev tests tools
 	$(VENV)/bin/ruff check --fix consumer dev tests tools
 
-# The broker tool starts a broker (unless KAFKA_BOOTSTRAP_SERVERS is set), runs pytest with its address,
-# stops it whatever pytest's outcome, and exits with pytest's status.
+# The broker tool starts a broker (unless KAFKA_BOOTSTRAP_SERVERS is set), the registry tool a Schema Registry
+# (unless SCHEMA_REGISTRY_URL is set); pytest runs with both addresses, both are stopped whatever pytest's
+# outcome, and the exit status is pytest's. One broker and one registry for the whole run.
 # Helm (for tests/test_helm.py) is built once into the cache; on a fresh machine that build (about 2 minutes
 # of CPU) starts here in the background, niced, so it overlaps the suite instead of adding to it. The tests
 # wait for it (tools/helm.sh holds a lock); if it failed, their own call builds again and says why.
 test: lint
 	nice -n 19 bash tools/helm.sh >/dev/null 2>&1 &
-	$(PY) -m tools.kafka_local run -- $(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m tools.kafka_local run -- $(PY) -m tools.registry_local run -- $(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: venv
 	$(PY) -m pytest -m unit $(PYTEST_ARGS)
@@ -53,6 +56,12 @@ kafka-up: venv
 
 kafka-down: venv
 	$(PY) -m tools.kafka_local down
+
+registry-up: venv
+	$(PY) -m tools.registry_local up
+
+registry-down: venv
+	$(PY) -m tools.registry_local down
 
 run: venv
 	$(PY) -m tools.local_stack
@@ -69,4 +78,5 @@ helm:
 
 clean:
 	-$(PY) -m tools.kafka_local down
-	rm -rf $(VENV) .kafka .pytest_cache .mypy_cache .ruff_cache
+	-$(PY) -m tools.registry_local down
+	rm -rf $(VENV) .kafka .registry .pytest_cache .mypy_cache .ruff_cache

@@ -3,11 +3,16 @@
 Three value formats, configured per topic (:data:`ValueFormat`):
 
 ``confluent-avro``
-    Magic byte ``0x00``, a 4-byte big-endian schema id, then the Avro body. The writer schema is fetched from
-    a Confluent Schema Registry once per schema id and cached; the record type is the writer schema's full
-    name, so one topic may carry several event types. The body is read with the writer schema resolved
-    against the project's reader schema of the same full name (``schemas/``), so a writer that added or
-    dropped optional fields still decodes.
+    The Confluent wire format, in every form confluent-kafka 2.16's ``AvroDeserializer`` reads: the value
+    starts with magic byte ``0x00`` and a 4-byte big-endian schema id, or with magic byte ``0x01`` and a
+    16-byte schema GUID (Confluent Platform 8.1+), then the Avro body; or the id travels in the record's
+    ``__value_schema_id`` header (``0x00`` + 4-byte id, or ``0x01`` + GUID) and the value is the bare body.
+    The writer schema is fetched from a Confluent Schema Registry once per id (or GUID) and cached, with the
+    schemas it references (``references``: shared types, resolved recursively, each subject version once);
+    the record type is the writer schema's full name, so one topic may carry several event types. The body
+    is read with the writer schema resolved against the project's reader schema of the same full name
+    (``schemas/``), so a writer that added or dropped optional fields, or renamed one with an alias, still
+    decodes.
 ``avro``
     A bare Avro body; the writer schema is the project's own schema of a configured record name.
 ``json``
@@ -36,7 +41,8 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
@@ -65,9 +71,20 @@ SCHEMAS_DIR: Final = Path(str(resources.files("consumer").joinpath("schemas")))
 #: A parsed fastavro schema (a dict for the records this module deals in).
 ParsedSchema = dict[str, Any]
 
-_MAGIC: Final = 0
+_MAGIC: Final = 0  # a 4-byte schema id follows
+_MAGIC_GUID: Final = 1  # a 16-byte schema GUID follows (Confluent Platform 8.1+)
 _BytesIO: Final = io.BytesIO  # a module global: one look-up per record instead of two
 _HEADER: Final = 5  # magic byte + 4-byte schema id
+_GUID_HEADER: Final = 17  # magic byte + 16-byte schema GUID
+_FRAMING_SIZE: Final = {_MAGIC: _HEADER, _MAGIC_GUID: _GUID_HEADER}
+
+#: The record headers confluent-kafka's serializers write a schema id into (``header_schema_id_serializer``)
+#: and its deserializers read first (``dual_schema_id_deserializer``): the same framing as a value's prefix.
+VALUE_SCHEMA_ID_HEADER: Final = "__value_schema_id"
+KEY_SCHEMA_ID_HEADER: Final = "__key_schema_id"
+
+#: A record's headers as confluent-kafka gives them (``Message.headers()``: a list of pairs), or a mapping.
+Headers = Sequence[tuple[str, bytes | str | None]] | Mapping[str, bytes | str | None]
 
 
 @dataclass(slots=True)
@@ -98,16 +115,17 @@ class UnknownEventType(DecodeError):
 
 
 class SchemaNotFound(DecodeError):
-    """The registry does not know the record's schema id (HTTP 404): the record can never be decoded."""
+    """The registry does not know the record's schema id or GUID (HTTP 404 with a registry error code): the
+    record can never be decoded. ``schema_id`` is the id (``int``) or the GUID (``str``)."""
 
-    def __init__(self, schema_id: int, reason: str) -> None:
+    def __init__(self, schema_id: int | str, reason: str) -> None:
         super().__init__(reason)
         self.schema_id = schema_id
 
 
 class Decoder(Protocol):
-    def decode(self, value: bytes | None) -> DomainEvent:
-        """Decode one record value.
+    def decode(self, value: bytes | None, headers: Headers | None = None) -> DomainEvent:
+        """Decode one record value; ``headers`` (the record's) may carry its schema id (confluent-avro).
 
         Raises a :class:`~consumer.errors.DecodeError` subclass (permanent) or
         :class:`~consumer.errors.RegistryUnavailable` (transient).
@@ -190,12 +208,16 @@ def _without_timestamp_conversion(node: Any) -> Any:
     return copy
 
 
+_NOT_SHAPE: Final = frozenset({"doc", "aliases"})
+
+
 def _shape(schema: Any) -> Any:
-    """What decides how bytes are read: the parsed schema without docs and fastavro's bookkeeping keys."""
+    """What decides how bytes are read: the parsed schema without docs, aliases (names only: a writer's are
+    applied before, see _renamed_by_aliases) and fastavro's bookkeeping keys."""
     if isinstance(schema, list):
         return [_shape(item) for item in schema]
     if isinstance(schema, dict):
-        return {k: _shape(v) for k, v in schema.items() if k != "doc" and not k.startswith("__")}
+        return {k: _shape(v) for k, v in schema.items() if k not in _NOT_SHAPE and not k.startswith("__")}
     return schema
 
 
@@ -268,99 +290,341 @@ class _Refusal:
 
 
 class ConfluentAvroDecoder:
-    """``confluent-avro``: the Confluent wire format, writer schemas from the registry, cached per id.
+    """``confluent-avro``: the Confluent wire format, writer schemas from the registry, cached per id/GUID.
 
     Only found schemas are cached (including those this service refuses, e.g. an unknown record type); a 404
     is not, so a mistyped id costs one registry request per record that carries it.
+
+    The registry is asked through confluent-kafka's ``SchemaRegistryClient`` (its HTTP, auth and caching),
+    not its ``AvroDeserializer``: the deserializer turns every registry failure into one
+    ``SerializationError``, losing the difference between "not found" (permanent) and "unreachable"
+    (transient) that decides whether a record is dead-lettered or its partition waits; and it reads with the
+    writer schema alone, where the relay resolves it against its own reader schemas.
     """
 
     def __init__(self, registry: SchemaRegistryClient, catalogue: _Catalogue) -> None:
         self._registry = registry
         self._catalogue = catalogue
-        self._plans: dict[int, _WriterPlan | _Refusal] = {}
-        # The decodable plans again, keyed by the whole 5-byte header (magic byte and schema id): the hot
-        # path checks the magic byte and finds the plan with one slice and one look-up.
+        # Plans by schema id (int) or GUID (str): what the registry said, asked once.
+        self._plans: dict[int | str, _WriterPlan | _Refusal] = {}
+        # The decodable plans again, keyed by their whole framing (magic byte and id, or magic byte and GUID),
+        # the bytes a value starts with or a __value_schema_id header holds: the hot path checks the magic
+        # byte and finds the plan with one slice and one look-up.
         self._by_header: dict[bytes, _WriterPlan] = {}
+        self._reader_fields = _reader_fields(catalogue)
 
-    def decode(self, value: bytes | None) -> DomainEvent:
-        plan = self._by_header.get(value[:_HEADER]) if value else None
-        if plan is None:
-            plan = self._slow_plan(value)
-        # A plan was found, so the value has a header: it is bytes, whatever its declared type.
-        return DomainEvent(plan.type, _read_avro(value, _HEADER, plan.writer, plan.reader, plan.what))  # type: ignore[arg-type]
+    def decode(self, value: bytes | None, headers: Headers | None = None) -> DomainEvent:
+        if headers is None:  # most records carry no headers: the id is the first five bytes, or not cached
+            plan = self._by_header.get(value[:_HEADER]) if value else None
+            if plan is not None:
+                # A plan was found, so the value has a header: it is bytes, whatever its declared type.
+                return DomainEvent(plan.type, _read_avro(value, _HEADER, plan.writer, plan.reader, plan.what))  # type: ignore[arg-type]
+        plan, start = self._locate(value, headers)
+        return DomainEvent(plan.type, _read_avro(value, start, plan.writer, plan.reader, plan.what))  # type: ignore[arg-type]
 
-    def _slow_plan(self, value: bytes | None) -> _WriterPlan:
-        """A header not seen yet, or a value that is no record at all: check everything, ask the registry."""
+    def _locate(self, value: bytes | None, headers: Headers | None) -> tuple[_WriterPlan, int]:
+        """The plan of a record whose id is in a header, in a GUID prefix, or not cached yet; and where its
+        Avro body starts. Checks everything, asks the registry."""
         value = _require_bytes(value)
-        if value[0] != _MAGIC:
-            raise DecodeError(f"wrong magic byte 0x{value[0]:02x}: not the Confluent wire format (0x00)")
-        if len(value) < _HEADER:
-            raise DecodeError(f"value of {len(value)} bytes ends inside the 5-byte Confluent header")
-        schema_id = int.from_bytes(value[1:_HEADER], "big")
-        plan = self._plans.get(schema_id)
-        if plan is None:
-            plan = self._plans[schema_id] = self._plan(schema_id, self._fetch(schema_id))
-        if isinstance(plan, _Refusal):
-            raise plan.error()
-        self._by_header[value[:_HEADER]] = plan
-        return plan
+        framing = _header_schema_id(headers, VALUE_SCHEMA_ID_HEADER) if headers else None
+        if framing is not None:
+            return self._plan_of(framing), 0  # the id is in the header: the whole value is the body
+        size = _FRAMING_SIZE.get(value[0])
+        if size is None:
+            raise DecodeError(
+                f"wrong magic byte 0x{value[0]:02x}: not the Confluent wire format (0x00: schema id, "
+                f"0x01: schema GUID), and no {VALUE_SCHEMA_ID_HEADER} header"
+            )
+        if len(value) < size:
+            raise DecodeError(f"value of {len(value)} bytes ends inside the {size}-byte Confluent header")
+        return self._plan_of(value[:size]), size
 
-    def _fetch(self, schema_id: int) -> Schema:
-        """The writer schema of ``schema_id``; registry failures mapped onto the relay's error tree."""
-        try:
-            schema = self._registry.get_schema(schema_id)
-        except SchemaRegistryError as exc:
-            if exc.http_status_code == 404 and is_registry_answer(exc):
-                raise SchemaNotFound(schema_id, f"schema id {schema_id} is not in the registry") from exc
-            if exc.http_status_code == 404:
-                # A 404 without a registry's error code comes from a server that is not a Schema Registry
-                # (a wrong path in schema_registry.url, a proxy): a fault of the setup, so every record would
-                # be refused. Held and retried like an outage, never dead-lettered.
-                raise RegistryUnavailable(
-                    f"schema registry answered HTTP 404 without a registry error code for schema id "
-                    f"{schema_id}: schema_registry.url does not point at a Schema Registry API"
-                ) from exc
-            # Anything else (5xx, 408, 429, but also 401/403) says nothing about the record: it is the
-            # service's view of the registry that is broken, so the record is retried, never dead-lettered.
-            raise RegistryUnavailable(
-                f"schema registry answered HTTP {exc.http_status_code} (error code {exc.error_code}) "
-                f"for schema id {schema_id}"
-            ) from exc
-        except httpx.RequestError as exc:  # connection refused or reset, DNS, timeouts, protocol errors
-            raise RegistryUnavailable(
-                f"schema registry unreachable for schema id {schema_id}: {type(exc).__name__}: {exc}"
-            ) from exc
-        except ValueError as exc:  # a 2xx answer that is not JSON: a broken registry or proxy, not the record
-            raise RegistryUnavailable(
-                f"schema registry gave an unreadable answer for id {schema_id}"
-            ) from exc
+    def _plan_of(self, framing: bytes) -> _WriterPlan:
+        """The plan of one framing (``0x00`` + id or ``0x01`` + GUID, already checked for size)."""
+        plan = self._by_header.get(framing)
+        if plan is not None:
+            return plan
+        key: int | str
+        if framing[0] == _MAGIC:
+            key = int.from_bytes(framing[1:], "big")
+            label = f"schema id {key}"
+        else:
+            key = str(uuid.UUID(bytes=framing[1:]))
+            label = f"schema GUID {key}"
+        found = self._plans.get(key)
+        if found is None:
+            found = self._plans[key] = self._plan(label, self._fetch(key, label))
+        if isinstance(found, _Refusal):
+            raise found.error()
+        self._by_header[framing] = found
+        return found
+
+    def _fetch(self, key: int | str, label: str) -> Schema:
+        """The writer schema of an id (``int``) or GUID (``str``), mapped onto the relay's error tree."""
+        registry = self._registry
+        if isinstance(key, int):
+            schema: Schema = _ask(label, key, registry.get_schema, key)
+        else:
+            schema = _ask(label, key, registry.get_schema_by_guid, key)
         if schema.schema_str is None:  # a 200 without a schema: the registry is broken, not the record
-            raise RegistryUnavailable(f"schema registry answered without a schema for id {schema_id}")
+            raise RegistryUnavailable(f"schema registry answered without a schema for {label}")
         return schema
 
-    def _plan(self, schema_id: int, schema: Schema) -> _WriterPlan | _Refusal:
+    def _named_types(self, schema: Schema, label: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The named types a writer schema's references define: parsed by fastavro (its ``named_schemas``),
+        and as JSON by full name (for :func:`_flattened`). Both empty without references.
+
+        References are followed depth-first (a referenced schema's own references are parsed before it), and
+        each subject version once, so a type reached along two paths is defined once. A reference the
+        registry does not know is permanent (a DecodeError, not cached: the reference may be registered
+        later); an unreachable registry is transient, as for the schema itself.
+        """
+        named: dict[str, Any] = {}
+        definitions: dict[str, Any] = {}
+        seen: set[tuple[str, int]] = set()
+        registry = self._registry
+
+        def visit(references: Sequence[Any] | None, via: str) -> None:
+            for ref in references or ():
+                subject, version = ref.subject, ref.version
+                if subject is None or version is None:
+                    raise _BadReference(f"{via} has a reference without a subject or version")
+                if (subject, version) in seen:
+                    continue
+                seen.add((subject, version))
+                what = f"reference {subject} version {version} of {label}"
+                registered = _ask(what, None, registry.get_version, subject, version, True)
+                text = registered.schema.schema_str if registered.schema is not None else None
+                if text is None:
+                    raise RegistryUnavailable(f"schema registry answered without a schema for {what}")
+                visit(registered.schema.references, what)
+                try:
+                    raw = _without_timestamp_conversion(json.loads(text))
+                    parse_schema(raw, named_schemas=named)
+                except (ValueError, TypeError, KeyError, SchemaParseException) as exc:
+                    raise _BadReference(f"{what} is not a schema this service can parse: {exc!r}") from exc
+                if isinstance(raw, dict) and isinstance(raw.get("name"), str):
+                    definitions[_full_name(raw, "")] = raw
+
+        visit(schema.references, label)
+        return named, definitions
+
+    def _plan(self, label: str, schema: Schema) -> _WriterPlan | _Refusal:
         kind = schema.schema_type or "AVRO"
         if kind != "AVRO":
-            return _Refusal(f"schema id {schema_id} is a {kind} schema, not Avro")
+            return _Refusal(f"{label} is a {kind} schema, not Avro")
         try:
-            writer = parse_schema(_without_timestamp_conversion(json.loads(schema.schema_str or "")))
+            named, definitions = self._named_types(schema, label)
+        except _BadReference as exc:
+            return _Refusal(str(exc))
+        try:
+            raw = _without_timestamp_conversion(json.loads(schema.schema_str or ""))
+            raw = _renamed_by_aliases(raw, self._reader_fields, "")
+            writer = parse_schema(raw, named_schemas=named)
         # The registry validates what it stores, so this is theoretical; fastavro reports malformed schemas
-        # with these four types (ValueError includes bad JSON and UnknownType).
-        except (ValueError, TypeError, KeyError, SchemaParseException) as exc:
-            return _Refusal(f"schema id {schema_id} is not a schema this service can parse: {exc!r}")
+        # with these four types (ValueError includes bad JSON and UnknownType), the alias walk with
+        # AttributeError (a field that is no object).
+        except (ValueError, TypeError, KeyError, AttributeError, SchemaParseException) as exc:
+            return _Refusal(f"{label} is not a schema this service can parse: {exc!r}")
         if not isinstance(writer, dict) or writer.get("type") != "record":
             kind = _avro_kind(writer)
-            return _Refusal(f"schema id {schema_id} is an Avro {kind}, not an event record", kind)
+            return _Refusal(f"{label} is an Avro {kind}, not an event record", kind)
         name = str(writer["name"])
         record = self._catalogue.by_full_name.get(name)
         if record is None:
-            return _Refusal(
-                f"record type {name} (schema id {schema_id}) is not an event this service knows", name
-            )
+            return _Refusal(f"record type {name} ({label}) is not an event this service knows", name)
+        if definitions:
+            # A writer with references names its shared types where the reader defines them inline. Read with
+            # resolution, it decodes several times slower (tools/bench_decode.py); flattened, the writer is
+            # often the reader's very shape, and then read as fast as any other.
+            writer = _flat_if_same(raw, definitions, record.decoding) or writer
         same = _shape(writer) == _shape(record.decoding)
-        return _WriterPlan(
-            record.type, writer, None if same else record.decoding, f"{name} (schema id {schema_id})"
+        return _WriterPlan(record.type, writer, None if same else record.decoding, f"{name} ({label})")
+
+
+def _reader_fields(catalogue: _Catalogue) -> dict[str, frozenset[str]]:
+    """The field names of every record type the reader schemas define (nested ones too), by full name."""
+    found: dict[str, frozenset[str]] = {}
+
+    def walk(node: Any) -> None:
+        if isinstance(node, list):
+            for item in node:
+                walk(item)
+        elif isinstance(node, dict):
+            if node.get("type") in ("record", "error"):
+                found[str(node["name"])] = frozenset(f["name"] for f in node["fields"])
+                for f in node["fields"]:
+                    walk(f["type"])
+            else:
+                for key in ("type", "items", "values"):
+                    walk(node.get(key))
+
+    for record in catalogue.by_full_name.values():
+        walk(record.parsed)
+    return found
+
+
+def _renamed_by_aliases(node: Any, reader: Mapping[str, frozenset[str]], namespace: str) -> Any:
+    """A writer schema (JSON) with its aliases applied toward the reader's names.
+
+    Avro resolves aliases on the reader's side only: a platform that renames a field (or a record) and keeps
+    the old name as an alias writes a schema the registry accepts as BACKWARD compatible, but an older
+    reader, as the relay's schemas are, would drop the field (take its default) or not know the record. So
+    the writer is read as if it used the old name wherever the reader knows that name and the writer does
+    not: names only, never a layout, so the bytes read exactly as written.
+    """
+    if isinstance(node, list):
+        return [_renamed_by_aliases(item, reader, namespace) for item in node]
+    if not isinstance(node, dict):
+        return node
+    kind = node.get("type")
+    copy = dict(node)
+    if kind in _NAMED_KINDS:
+        full = _full_name(node, namespace)
+        namespace = full.rpartition(".")[0]
+        if full not in reader:
+            known = [a for a in (_alias_name(a, namespace) for a in node.get("aliases", ())) if a in reader]
+            if known:
+                copy["name"], copy["namespace"] = known[0].rpartition(".")[2], known[0].rpartition(".")[0]
+                full, namespace = known[0], known[0].rpartition(".")[0]
+    if kind in ("record", "error"):
+        wanted = reader.get(full, frozenset())
+        present = {f["name"] for f in node["fields"]}
+        fields = []
+        for f in node["fields"]:
+            renamed = dict(f, type=_renamed_by_aliases(f["type"], reader, namespace))
+            if f["name"] not in wanted:
+                old = [a for a in f.get("aliases", ()) if a in wanted and a not in present]
+                if old:
+                    renamed["name"] = old[0]
+            fields.append(renamed)
+        copy["fields"] = fields
+    elif kind == "array":
+        copy["items"] = _renamed_by_aliases(node["items"], reader, namespace)
+    elif kind == "map":
+        copy["values"] = _renamed_by_aliases(node["values"], reader, namespace)
+    elif isinstance(kind, dict | list):
+        copy["type"] = _renamed_by_aliases(kind, reader, namespace)
+    return copy
+
+
+def _alias_name(alias: str, namespace: str) -> str:
+    return alias if "." in alias or not namespace else f"{namespace}.{alias}"
+
+
+class _BadReference(Exception):
+    """A writer schema's reference that can never resolve (malformed, or not a parseable schema)."""
+
+
+_NAMED_KINDS: Final = frozenset({"record", "error", "enum", "fixed"})
+
+
+def _full_name(node: Mapping[str, Any], namespace: str) -> str:
+    name = str(node["name"])
+    if "." in name:
+        return name
+    space = node.get("namespace", namespace) or ""
+    return f"{space}.{name}" if space else name
+
+
+def _flattened(node: Any, definitions: Mapping[str, Any], defined: set[str], namespace: str) -> Any:
+    """A writer schema (JSON) with each referenced type defined inline where it is first used, as a
+    self-contained schema defines it; later uses keep the name. Only a candidate: see _flat_if_same."""
+    if isinstance(node, str):
+        full = node if "." in node or not namespace else f"{namespace}.{node}"
+        for name in (full, node):
+            if name in definitions and name not in defined:
+                defined.add(name)
+                return _flattened(definitions[name], definitions, defined, namespace)
+        return node
+    if isinstance(node, list):
+        return [_flattened(item, definitions, defined, namespace) for item in node]
+    if not isinstance(node, dict):
+        return node
+    copy = dict(node)
+    kind = node.get("type")
+    if kind in _NAMED_KINDS:
+        full = _full_name(node, namespace)
+        defined.add(full)
+        copy["name"] = full  # absolute, so its meaning does not depend on where it was inlined
+        copy.pop("namespace", None)
+        namespace = full.rpartition(".")[0]
+    if kind in ("record", "error"):
+        copy["fields"] = [
+            {**f, "type": _flattened(f["type"], definitions, defined, namespace)} for f in node["fields"]
+        ]
+    elif kind == "array":
+        copy["items"] = _flattened(node["items"], definitions, defined, namespace)
+    elif kind == "map":
+        copy["values"] = _flattened(node["values"], definitions, defined, namespace)
+    elif not isinstance(kind, str) or kind not in _NAMED_KINDS:
+        copy["type"] = _flattened(kind, definitions, defined, namespace)
+    return copy
+
+
+def _flat_if_same(raw: Any, definitions: Mapping[str, Any], reader: ParsedSchema) -> ParsedSchema | None:
+    """The writer flattened and parsed, when that is exactly the reader's shape; else None (read with
+    resolution against the writer parsed with its references, which is always right)."""
+    try:
+        flat = parse_schema(_flattened(raw, definitions, set(), ""))
+    except (ValueError, TypeError, KeyError, SchemaParseException):
+        return None
+    return cast(ParsedSchema, flat) if _shape(flat) == _shape(reader) else None
+
+
+def _header_schema_id(headers: Headers, name: str) -> bytes | None:
+    """The framing a record's schema-id header holds (``0x00`` + 4-byte id, ``0x01`` + 16-byte GUID), or
+    None without such a header. The first one counts, as in confluent-kafka's deserializer. A header that is
+    there but malformed is a DecodeError: its record names a schema no one can find."""
+    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    for key, raw in pairs:
+        if key != name:
+            continue
+        data = raw.encode() if isinstance(raw, str) else raw
+        if data and _FRAMING_SIZE.get(data[0]) == len(data):
+            return data
+        size = 0 if data is None else len(data)
+        raise DecodeError(
+            f"header {name} is not 0x00 + a 4-byte schema id nor 0x01 + a 16-byte schema GUID "
+            f"({size} bytes{f', first 0x{data[0]:02x}' if data else ''})"
         )
+    return None
+
+
+def _ask(what: str, not_found_key: int | str | None, call: Callable[..., Any], *args: Any) -> Any:
+    """One registry request, its failures mapped onto the relay's error tree.
+
+    A registry's own "not found" (404 with a 404xx error code) is permanent: :class:`SchemaNotFound` for a
+    schema id or GUID (``not_found_key``), a plain :class:`~consumer.errors.DecodeError` for a reference.
+    Everything else — a bare 404, any other status, no answer, an unreadable answer — is transient.
+    """
+    try:
+        return call(*args)
+    except SchemaRegistryError as exc:
+        if exc.http_status_code == 404 and is_registry_answer(exc):
+            if not_found_key is not None:
+                raise SchemaNotFound(not_found_key, f"{what} is not in the registry") from exc
+            raise DecodeError(f"{what} is not in the registry") from exc
+        if exc.http_status_code == 404:
+            # A 404 without a registry's error code comes from a server that is not a Schema Registry
+            # (a wrong path in schema_registry.url, a proxy), or one without this endpoint (Apicurio has no
+            # /schemas/guids): a fault of the setup, so every record would be refused. Held and retried
+            # like an outage, never dead-lettered.
+            raise RegistryUnavailable(
+                f"schema registry answered HTTP 404 without a registry error code for {what}: "
+                f"schema_registry.url does not point at a Schema Registry API that serves it"
+            ) from exc
+        # Anything else (5xx, 408, 429, but also 401/403) says nothing about the record: it is the
+        # service's view of the registry that is broken, so the record is retried, never dead-lettered.
+        raise RegistryUnavailable(
+            f"schema registry answered HTTP {exc.http_status_code} (error code {exc.error_code}) for {what}"
+        ) from exc
+    except httpx.RequestError as exc:  # connection refused or reset, DNS, timeouts, protocol errors
+        raise RegistryUnavailable(
+            f"schema registry unreachable for {what}: {type(exc).__name__}: {exc}"
+        ) from exc
+    except ValueError as exc:  # a 2xx answer that is not JSON: a broken registry or proxy, not the record
+        raise RegistryUnavailable(f"schema registry gave an unreadable answer for {what}") from exc
 
 
 def is_registry_answer(error: SchemaRegistryError) -> bool:
@@ -383,7 +647,7 @@ class AvroDecoder:
     def __init__(self, record: _Record) -> None:
         self._record = record
 
-    def decode(self, value: bytes | None) -> DomainEvent:
+    def decode(self, value: bytes | None, headers: Headers | None = None) -> DomainEvent:
         record = self._record
         fields = _read_avro(_require_bytes(value), 0, record.decoding, None, record.full_name)
         return DomainEvent(record.type, fields)
@@ -408,7 +672,7 @@ class JsonDecoder:
         }
         self._by_name = {name: compiled[r.full_name] for name, r in catalogue.by_any_name.items()}
 
-    def decode(self, value: bytes | None) -> DomainEvent:
+    def decode(self, value: bytes | None, headers: Headers | None = None) -> DomainEvent:
         try:
             obj = orjson.loads(_require_bytes(value))
         except orjson.JSONDecodeError as exc:

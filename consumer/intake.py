@@ -326,7 +326,9 @@ class Intake:
         if topic is None:
             topic, value = record.tp[0], message.value()
         try:
-            event = self._decoders[topic].decode(value)
+            # The headers may carry the schema id (confluent-avro's __value_schema_id); re-driven records keep
+            # the original's.
+            event = self._decoders[topic].decode(value, message.headers())
         except UnknownEventType as exc:
             if self._unknown == "skip":
                 return  # no calls, no failure: it settles at once and is committed

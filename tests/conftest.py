@@ -1,7 +1,10 @@
 """Fixtures shared by the suite: one real Kafka broker per test session, unique topics per test.
 
 The broker is the one named by ``KAFKA_BOOTSTRAP_SERVERS`` (``make test`` starts one and sets it), or one this
-fixture starts itself through ``tools.kafka_local`` and stops when the session ends.
+fixture starts itself through ``tools.kafka_local`` and stops when the session ends. The Schema Registry, in
+the same way, is the one named by ``SCHEMA_REGISTRY_URL`` (``make test`` starts Apicurio Registry's
+Confluent-compatible API) or one started through ``tools.registry_local``: one registry for the whole run.
+The registry double (``tools.registry_double``) is only for what a real registry cannot do on demand.
 
 No librdkafka client outlives the code that made it (``tests.kafka``'s docstring says why): after each test,
 and once more before the session's broker stops, any client still open fails the run, naming what holds it.
@@ -23,16 +26,23 @@ from confluent_kafka.admin import AdminClient
 
 from consumer_dev.emulator import EmulatorShop, EmulatorThread
 from tests.kafka import Topics, clients_left_behind
-from tests.relay import SHOPS, RelayProcess, Stack, relay_env
-from tools import kafka_local
+from tests.relay import SHOPS, RelayProcess, SchemaRegistry, Stack, relay_env
+from tools import kafka_local, registry_local
 from tools.registry_double import RegistryDouble
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that use the broker are marked ``broker``; the rest are ``unit``, so either set runs alone."""
+    """Tests that use the broker are marked ``broker``, those that use the real registry ``registry``; the
+    rest are ``unit``, so either set runs alone."""
     for item in items:
-        uses_broker = "kafka_bootstrap" in getattr(item, "fixturenames", ())
-        item.add_marker(pytest.mark.broker if uses_broker else pytest.mark.unit)
+        names = getattr(item, "fixturenames", ())
+        uses_broker, uses_registry = "kafka_bootstrap" in names, "schema_registry_url" in names
+        if uses_broker:
+            item.add_marker(pytest.mark.broker)
+        if uses_registry:
+            item.add_marker(pytest.mark.registry)
+        if not uses_broker and not uses_registry:
+            item.add_marker(pytest.mark.unit)
 
 
 #: How long the process may take to exit once the session is over (plugins' session end, interpreter exit:
@@ -145,8 +155,23 @@ def topics(kafka_admin: AdminClient) -> Iterator[Topics]:
 
 
 @pytest.fixture(scope="session")
-def registry() -> Iterator[RegistryDouble]:
-    """A Schema Registry (test double) over HTTP, for relays running as their own processes."""
+def schema_registry_url() -> Iterator[str]:
+    """The base URL of the session's real Schema Registry (its Confluent-compatible API)."""
+    with registry_local.running() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def registry(schema_registry_url: str) -> Iterator[SchemaRegistry]:
+    """The real Schema Registry, for producers and for relays running as their own processes."""
+    registry = SchemaRegistry(schema_registry_url)
+    yield registry
+    registry.close()
+
+
+@pytest.fixture
+def registry_double() -> Iterator[RegistryDouble]:
+    """The registry double: only for what a real registry cannot do on demand (an outage, a bare 404)."""
     with RegistryDouble() as double:
         yield double
 
@@ -175,7 +200,7 @@ def relays(tmp_path: Path) -> Iterator[Callable[..., RelayProcess]]:
 
 @pytest.fixture
 def stack(
-    kafka_bootstrap: str, topics: Topics, registry: RegistryDouble, emulator: EmulatorThread, tmp_path: Path
+    kafka_bootstrap: str, topics: Topics, registry: SchemaRegistry, emulator: EmulatorThread, tmp_path: Path
 ) -> Stack:
-    """The broker, the registry double and the emulator of this test, for a relay to be configured against."""
+    """The broker, the real registry and the emulator of this test, for a relay to be configured against."""
     return Stack(kafka_bootstrap, topics, registry.url, emulator.url, tmp_path)

@@ -15,11 +15,14 @@ from typing import Any
 
 import orjson
 from confluent_kafka import Consumer
+from confluent_kafka.schema_registry import record_subject_name_strategy
+from confluent_kafka.schema_registry.avro import AvroSerializer
+from confluent_kafka.serialization import MessageField, SerializationContext
 from pydantic import SecretStr
 
 from consumer.config import ShopConfig
 from consumer.contract import TrackingCall
-from consumer.decode import DomainEvent
+from consumer.decode import SCHEMAS_DIR, DomainEvent
 from consumer.translate import Translator
 from consumer_dev.sample import TrafficGenerator, build_encoder
 from tests.kafka import Topics, produce, unique_name, wait_for
@@ -43,8 +46,32 @@ def toml_value(value: Any) -> str:
 
 
 @dataclass
+class SchemaRegistry:
+    """The session's real Schema Registry (``tools.registry_local``, or ``SCHEMA_REGISTRY_URL``'s).
+
+    :meth:`client` gives clients that stay open until the session ends (:meth:`close`): a real registry keeps
+    its connections alive, so a client left to the garbage collector would leave an unclosed socket behind.
+    """
+
+    url: str
+    _clients: list[Any] = field(default_factory=list, repr=False)
+
+    def client(self) -> Any:
+        """A new client of the registry (its own cache: what it reads, it asks the registry for)."""
+        from consumer.decode import registry_client
+
+        self._clients.append(registry_client(self.url))
+        return self._clients[-1]
+
+    def close(self) -> None:
+        for client in self._clients:
+            client.close()
+        self._clients.clear()
+
+
+@dataclass
 class Stack:
-    """What an end-to-end test wires a relay to: the broker, the registry double, the emulator, a folder."""
+    """What an end-to-end test wires a relay to: the broker, the real registry, the emulator, a folder."""
 
     bootstrap: str
     topics: Topics
@@ -190,6 +217,31 @@ def test_shops() -> dict[str, ShopConfig]:
 test_shops.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
 
 
+class PlatformEncoder:
+    """``confluent-avro`` values as a platform writes them: confluent-kafka's own ``AvroSerializer``, one per
+    record type, registering on first use. Subjects by ``RecordNameStrategy``: the generated traffic puts
+    every event type on one topic, which ``TopicNameStrategy`` (one record type per subject under BACKWARD)
+    cannot carry; tests of a single type use ``TopicNameStrategy`` (``tests/test_schema_evolution.py``)."""
+
+    def __init__(self, registry: Any) -> None:
+        self._registry = registry
+        self._serializers: dict[str, AvroSerializer] = {}
+        self._context = SerializationContext("events", MessageField.VALUE)
+
+    def encode(self, type_name: str, fields: dict[str, Any]) -> bytes:
+        serialize = self._serializers.get(type_name)
+        if serialize is None:
+            short = type_name.rpartition(".")[2]
+            serialize = self._serializers[type_name] = AvroSerializer(
+                self._registry,
+                (SCHEMAS_DIR / f"{short}.avsc").read_text(encoding="utf-8"),
+                conf={"auto.register.schemas": True, "subject.name.strategy": record_subject_name_strategy},
+            )
+        value = serialize(fields, self._context)
+        assert value is not None
+        return value
+
+
 @dataclass
 class Traffic:
     """Generated events, their encoded records, and the calls the contract says they imply."""
@@ -210,7 +262,9 @@ def generate(
     shops: Iterable[str] = ("demo", "other"),
 ) -> Traffic:
     generator = TrafficGenerator(seed=seed, shops=list(shops), visitors=visitors, now_ms=1_700_000_000_000)
-    encoder = build_encoder(fmt, registry=registry)  # type: ignore[arg-type]
+    encoder: Any = (
+        PlatformEncoder(registry) if fmt == "confluent-avro" else build_encoder(fmt, registry=registry)  # type: ignore[arg-type]
+    )
     events = list(generator.events(count))
     records = [(fields["sessionId"].encode(), encoder.encode(name, fields)) for name, fields in events]
     by_session: dict[str, list[tuple[str, bytes]]] = {}
@@ -351,7 +405,7 @@ def numbered_views(
     is then known per record (:func:`delivered_records`). ``visitors`` keys per partition, round robin;
     ``shop_of(partition, offset)`` names each record's shop. Partitions are interleaved, each in order.
     """
-    encoder = build_encoder("confluent-avro", registry=registry)
+    encoder = PlatformEncoder(registry)
     records = []
     for offset in range(max(per_partition.values(), default=0)):
         for partition, count in per_partition.items():

@@ -307,8 +307,9 @@ def valid_confluent(registry: SchemaRegistryClient, type_name: str = "ProductVie
     ("mangle", "reason"),
     [
         (lambda v: b'{"productId": 1}', r"wrong magic byte 0x7b"),
-        (lambda v: b"\x01" + v[1:], r"wrong magic byte 0x01"),
+        (lambda v: b"\x02" + v[1:], r"wrong magic byte 0x02"),
         (lambda v: v[:3], r"3 bytes ends inside the 5-byte Confluent header"),
+        (lambda v: b"\x01" + v[1:9], r"9 bytes ends inside the 17-byte Confluent header"),
         (lambda v: v[:5], r"is truncated"),
         (lambda v: v[:-1], r"it ends inside a number"),  # inside the last varint
         (lambda v: v[:-4], r"is truncated"),  # inside a string
@@ -316,8 +317,9 @@ def valid_confluent(registry: SchemaRegistryClient, type_name: str = "ProductVie
     ],
     ids=[
         "json-bytes",
-        "magic-1",
+        "magic-2",
         "short-header",
+        "short-guid-header",
         "header-only",
         "truncated-varint",
         "truncated-string",

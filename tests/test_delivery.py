@@ -24,6 +24,7 @@ from tests.kafka import Topics, committed_offsets, end_offsets, produce, unique_
 from tests.relay import (
     SHOPS,
     RelayProcess,
+    SchemaRegistry,
     Stack,
     calls_per_record,
     canonical,
@@ -34,25 +35,18 @@ from tests.relay import (
     wait_delivered,
     write_config,
 )
-from tools.registry_double import RegistryDouble
-
-
-def _registry_client(registry: RegistryDouble):  # type: ignore[no-untyped-def]
-    from consumer.decode import registry_client
-
-    return registry_client(registry.url)
 
 
 @pytest.mark.parametrize("mode", ["batch", "single"])
 def test_every_event_type_arrives_exactly_as_the_contract_says(
     mode: str,
     kafka_bootstrap: str,
-    registry: RegistryDouble,
+    registry: SchemaRegistry,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
     stack: Stack,
 ) -> None:
-    traffic = generate(1500, registry=_registry_client(registry))
+    traffic = generate(1500, registry=registry.client())
     kinds = {short_name(name) for name, _ in traffic.events}
     assert kinds == {"ProductViewed", "CategoryViewed", "SearchPerformed", "ItemAddedToBasket", "OrderPlaced"}
     methods = {method for _, method, _ in traffic.expected}
@@ -78,13 +72,13 @@ def test_every_event_type_arrives_exactly_as_the_contract_says(
 def test_each_visitors_events_arrive_in_the_order_they_were_produced(
     mode: str,
     kafka_bootstrap: str,
-    registry: RegistryDouble,
+    registry: SchemaRegistry,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
     stack: Stack,
 ) -> None:
     # Few visitors, many events each, spread over 6 partitions; random latency reorders anything unordered.
-    traffic = generate(3000, registry=_registry_client(registry), visitors=60, seed=11)
+    traffic = generate(3000, registry=registry.client(), visitors=60, seed=11)
     emulator.set_faults(Faults(latency_ms=1, latency_jitter_ms=15))
     topic = stack.topic(f"order-{mode}", partitions=6)
     produce_traffic(kafka_bootstrap, topic, traffic)
@@ -109,12 +103,12 @@ def test_each_visitors_events_arrive_in_the_order_they_were_produced(
 
 def test_nothing_is_lost_when_the_relay_is_killed_again_and_again(
     kafka_bootstrap: str,
-    registry: RegistryDouble,
+    registry: SchemaRegistry,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
     stack: Stack,
 ) -> None:
-    traffic = generate(30_000, registry=_registry_client(registry), visitors=5000, seed=23)
+    traffic = generate(30_000, registry=registry.client(), visitors=5000, seed=23)
     emulator.set_faults(Faults(latency_ms=5, latency_jitter_ms=10))  # slow enough to kill mid-flight
     partitions = 6
     topic = stack.topic("crash", partitions=partitions)
@@ -188,12 +182,12 @@ def test_nothing_is_lost_when_the_relay_is_killed_again_and_again(
 
 def test_nothing_is_lost_when_a_second_member_joins_and_the_first_leaves(
     kafka_bootstrap: str,
-    registry: RegistryDouble,
+    registry: SchemaRegistry,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
     stack: Stack,
 ) -> None:
-    traffic = generate(24_000, registry=_registry_client(registry), visitors=4000, seed=31)
+    traffic = generate(24_000, registry=registry.client(), visitors=4000, seed=31)
     emulator.set_faults(Faults(latency_ms=2, latency_jitter_ms=5))
     topic = stack.topic("rebalance", partitions=6)
     group = unique_name("group")
@@ -228,13 +222,13 @@ def _produce_slice(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]
 def test_memory_stays_flat_while_a_large_backlog_drains_into_a_slow_api(
     kafka_bootstrap: str,
     topics: Topics,
-    registry: RegistryDouble,
+    registry: SchemaRegistry,
     relays: Callable[..., RelayProcess],
     tmp_path: Path,
     stack: Stack,
 ) -> None:
     backlog = 200_000
-    traffic = generate(backlog, registry=_registry_client(registry), visitors=100_000, seed=41)
+    traffic = generate(backlog, registry=registry.client(), visitors=100_000, seed=41)
     # This emulator keeps no events (the test checks counts), so its own memory does not matter either.
     shops = [EmulatorShop(partner_id=pid, api_key=key) for pid, key in SHOPS.values()]
     with EmulatorThread(shops, Faults(latency_ms=40), max_events=0) as slow:
@@ -274,12 +268,12 @@ def test_memory_stays_flat_while_a_large_backlog_drains_into_a_slow_api(
 def test_a_replay_from_an_earlier_offset_resends_events_with_their_original_time(
     kafka_bootstrap: str,
     kafka_admin: AdminClient,
-    registry: RegistryDouble,
+    registry: SchemaRegistry,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
     stack: Stack,
 ) -> None:
-    traffic = generate(400, registry=_registry_client(registry), seed=53)
+    traffic = generate(400, registry=registry.client(), seed=53)
     topic = stack.topic("replay", partitions=1)
     produce_traffic(kafka_bootstrap, topic, traffic)
     group = unique_name("group")
@@ -293,7 +287,7 @@ def test_a_replay_from_an_earlier_offset_resends_events_with_their_original_time
     rewind = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, 0, 300)])
     kafka_admin.alter_consumer_group_offsets([rewind])[group].result(timeout=30)
     emulator.reset()
-    replay_traffic = generate(400, registry=_registry_client(registry), seed=53)
+    replay_traffic = generate(400, registry=registry.client(), seed=53)
     replayed = expected_calls(replay_traffic.events[300:])
     relay = relays(config, name="replay")
     got = wait_delivered(emulator, replayed, relays=[relay])

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from consumer import resolution
-from consumer.decode import DomainEvent, registry_client
+from consumer.decode import DomainEvent
 from consumer.translate import Translator
 from consumer_dev.emulator import EmulatorShop, EmulatorThread, Faults
 from consumer_dev.sample import build_encoder
@@ -22,6 +22,7 @@ from tests.relay import (
     ROOT,
     SHOPS,
     RelayProcess,
+    SchemaRegistry,
     Stack,
     canonical,
     dead_letters,
@@ -31,7 +32,6 @@ from tests.relay import (
     test_shops,
     write_config,
 )
-from tools.registry_double import RegistryDouble
 
 REJECTED_ORDER_ITEM = 11
 REJECTED_VIEW = 77
@@ -66,10 +66,10 @@ def calls_at(emulator: EmulatorThread) -> list[tuple[str, dict[str, Any]]]:
 def test_inspect_shows_the_story_and_redrive_sends_only_what_failed_with_a_loop_guard(
     kafka_bootstrap: str,
     topics: Topics,
-    registry: RegistryDouble,
+    registry: SchemaRegistry,
     tmp_path: Path,
 ) -> None:
-    encoder = build_encoder("confluent-avro", registry=registry_client(registry.url))
+    encoder = build_encoder("confluent-avro", registry=registry.client())
     order = event(
         "OrderPlaced",
         orderId="o-7",
@@ -168,7 +168,7 @@ def test_inspect_shows_the_story_and_redrive_sends_only_what_failed_with_a_loop_
 def test_redrive_with_nothing_to_do_says_so_and_a_missing_key_is_named(
     kafka_bootstrap: str,
     topics: Topics,
-    registry: RegistryDouble,
+    registry: SchemaRegistry,
     tmp_path: Path,
 ) -> None:
     topic = topics.create("nothing")

@@ -14,13 +14,13 @@ import orjson
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from fastavro import parse_schema, schemaless_writer
 
-from consumer.decode import registry_client
 from consumer_dev.emulator import EmulatorThread, Faults
 from consumer_dev.sample import build_encoder
 from tests.kafka import committed_offsets, end_offsets, produce, unique_name, wait_for
 from tests.relay import (
     SHOPS,
     RelayProcess,
+    SchemaRegistry,
     Stack,
     dead_letters,
     event,
@@ -28,7 +28,6 @@ from tests.relay import (
     generate,
     received,
 )
-from tools.registry_double import RegistryDouble
 
 
 def foreign_record(client: SchemaRegistryClient, name: str) -> bytes:
@@ -47,12 +46,12 @@ def foreign_record(client: SchemaRegistryClient, name: str) -> bytes:
 
 def test_every_kind_of_poison_record_is_dead_lettered_once_and_good_ones_still_flow(
     kafka_bootstrap: str,
-    registry: RegistryDouble,
+    registry: SchemaRegistry,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
     stack: Stack,
 ) -> None:
-    client = registry_client(registry.url)
+    client = registry.client()
     encoder = build_encoder("confluent-avro", registry=client)
     valid = encoder.encode("ProductViewed", event("ProductViewed", productId=1, groupId=None))
     mystery = foreign_record(client, "Mystery")
@@ -148,12 +147,12 @@ def test_every_kind_of_poison_record_is_dead_lettered_once_and_good_ones_still_f
 
 def test_an_outage_dead_letters_nothing_loses_nothing_and_costs_few_requests(
     kafka_bootstrap: str,
-    registry: RegistryDouble,
+    registry: SchemaRegistry,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
     stack: Stack,
 ) -> None:
-    traffic = generate(3000, registry=registry_client(registry.url), seed=71)
+    traffic = generate(3000, registry=registry.client(), seed=71)
     topic = stack.topic("outage", partitions=3)
     dlq = f"{topic}.dlq"
     group = unique_name("group")
@@ -226,12 +225,12 @@ def _wait_all(
 
 def test_after_a_429_with_retry_after_no_request_goes_to_that_shop_before_the_time_it_named(
     kafka_bootstrap: str,
-    registry: RegistryDouble,
+    registry: SchemaRegistry,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
     stack: Stack,
 ) -> None:
-    traffic = generate(300, registry=registry_client(registry.url), seed=81, shops=("demo",))
+    traffic = generate(300, registry=registry.client(), seed=81, shops=("demo",))
     topic = stack.topic("throttled")
     config = stack.config(
         [topic],
@@ -258,12 +257,12 @@ def test_after_a_429_with_retry_after_no_request_goes_to_that_shop_before_the_ti
 
 def test_a_refused_batch_is_resent_singly_so_only_the_bad_event_is_dead_lettered(
     kafka_bootstrap: str,
-    registry: RegistryDouble,
+    registry: SchemaRegistry,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
     stack: Stack,
 ) -> None:
-    client = registry_client(registry.url)
+    client = registry.client()
     encoder = build_encoder("confluent-avro", registry=client)
     bad_product = 999_999_001
     events = [
@@ -295,12 +294,12 @@ def test_a_refused_batch_is_resent_singly_so_only_the_bad_event_is_dead_lettered
 
 def test_a_revoked_key_halts_the_service_without_committing_and_a_fixed_key_delivers_everything(
     kafka_bootstrap: str,
-    registry: RegistryDouble,
+    registry: SchemaRegistry,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
     stack: Stack,
 ) -> None:
-    traffic = generate(2000, registry=registry_client(registry.url), seed=91, shops=("demo",))
+    traffic = generate(2000, registry=registry.client(), seed=91, shops=("demo",))
     topic = stack.topic("revoked", partitions=2)
     dlq = f"{topic}.dlq"
     produce(kafka_bootstrap, topic, traffic.records)
@@ -331,12 +330,12 @@ def test_a_revoked_key_halts_the_service_without_committing_and_a_fixed_key_deli
 
 def test_a_transient_failure_older_than_the_maximum_age_is_dead_lettered(
     kafka_bootstrap: str,
-    registry: RegistryDouble,
+    registry: SchemaRegistry,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
     stack: Stack,
 ) -> None:
-    client = registry_client(registry.url)
+    client = registry.client()
     encoder = build_encoder("confluent-avro", registry=client)
     view = event("ProductViewed", productId=5, groupId=None)
     topic = stack.topic("maxage")
@@ -358,12 +357,12 @@ def test_a_transient_failure_older_than_the_maximum_age_is_dead_lettered(
 
 def test_an_unknown_event_type_is_skipped_and_committed_when_so_configured(
     kafka_bootstrap: str,
-    registry: RegistryDouble,
+    registry: SchemaRegistry,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
     stack: Stack,
 ) -> None:
-    client = registry_client(registry.url)
+    client = registry.client()
     encoder = build_encoder("confluent-avro", registry=client)
     scrolled = foreign_record(client, "PageScrolled")
     view = event("ProductViewed", productId=8, groupId=None)

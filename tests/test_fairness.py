@@ -15,19 +15,18 @@ from collections.abc import Callable
 
 import pytest
 
-from consumer.decode import registry_client
 from consumer_dev.emulator import EmulatorShop, EmulatorThread, Faults
 from tests.kafka import committed_offsets, end_offsets, produce, unique_name, wait_for
 from tests.relay import (
     SHOPS,
     RelayProcess,
+    SchemaRegistry,
     Stack,
     delivered_records,
     delivery_times,
     numbered_views,
     write_config,
 )
-from tools.registry_double import RegistryDouble
 
 FAIR_WAIT_S = 3.0
 #: A shop whose API refuses it (429, its breaker open) holds one sender: the others deliver within this.
@@ -44,7 +43,7 @@ SETUPS = {
 def test_under_a_skewed_backlog_every_partition_is_served_within_the_fairness_bound(
     mode: str,
     kafka_bootstrap: str,
-    registry: RegistryDouble,
+    registry: SchemaRegistry,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
     stack: Stack,
@@ -52,7 +51,7 @@ def test_under_a_skewed_backlog_every_partition_is_served_within_the_fairness_bo
     big, small, delivery = SETUPS[mode]
     per_partition = {0: big, 1: small, 2: small}
     records = numbered_views(
-        registry_client(registry.url),
+        registry.client(),
         per_partition,
         shop_of=lambda partition, offset: "other" if partition == 2 else "demo",
     )
@@ -100,7 +99,7 @@ def test_under_a_skewed_backlog_every_partition_is_served_within_the_fairness_bo
 def test_a_shop_whose_api_throttles_it_keeps_one_sender_and_the_other_shop_is_served(
     mode: str,
     kafka_bootstrap: str,
-    registry: RegistryDouble,
+    registry: SchemaRegistry,
     relays: Callable[..., RelayProcess],
     stack: Stack,
 ) -> None:
@@ -110,7 +109,7 @@ def test_a_shop_whose_api_throttles_it_keeps_one_sender_and_the_other_shop_is_se
     # every sender waited for shop other).
     count = 1000
     records = numbered_views(
-        registry_client(registry.url),
+        registry.client(),
         {0: count, 1: count},
         shop_of=lambda partition, offset: "other" if partition == 1 else "demo",
     )

@@ -7,6 +7,7 @@ dead-lettered, nothing drained into the dead-letter topic, and recovery by itsel
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import urllib.error
@@ -25,6 +26,7 @@ from consumer_dev.sample import build_encoder
 from tests.kafka import Topics, committed_offsets, end_offsets, produce, unique_name, wait_for
 from tests.relay import (
     RelayProcess,
+    SchemaRegistry,
     Stack,
     dead_letters,
     event,
@@ -75,12 +77,12 @@ def observed(port: int, **sections: dict[str, Any]) -> dict[str, dict[str, Any]]
 def test_a_dead_letter_topic_that_cannot_be_written_holds_the_partition_and_recovers_by_itself(
     kafka_bootstrap: str,
     topics: Topics,
-    registry: RegistryDouble,
+    registry: SchemaRegistry,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
     stack: Stack,
 ) -> None:
-    encoder = build_encoder("confluent-avro", registry=registry_client(registry.url))
+    encoder = build_encoder("confluent-avro", registry=registry.client())
 
     def views(first: int) -> list[tuple[bytes | None, bytes | None]]:
         fields = [
@@ -130,17 +132,21 @@ def test_a_dead_letter_topic_that_cannot_be_written_holds_the_partition_and_reco
 def test_a_registry_that_stops_answering_as_one_holds_the_partition_and_dead_letters_nothing(
     retry_base_s: float,
     kafka_bootstrap: str,
-    registry: RegistryDouble,
+    registry_double: RegistryDouble,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
     stack: Stack,
 ) -> None:
+    """The double, not the real registry: a real one cannot be made to answer a bare 404 on demand."""
+    registry = registry_double
+    stack = dataclasses.replace(stack, registry_url=registry.url)
     topic = stack.topic("registry-gone")
     group, port = unique_name("group"), kafka_local.free_port()
     retry = {"base_s": retry_base_s, "cap_s": 1.0}
     relay = relays(stack.config([topic], group=group, sections=observed(port, retry=retry)))
     wait_for(lambda: probe(port)[0] == 200, deadline_s=60, what="ready")
-    traffic = generate(30, registry=registry_client(registry.url), seed=31)  # registered while it answers
+    client = registry_client(registry.url)
+    traffic = generate(30, registry=client, seed=31)  # registered while it answers
     registry.answer_as_no_registry()  # e.g. a proxy in front of it lost its route: a bare 404 to everything
     try:
         produce(kafka_bootstrap, topic, traffic.records)
@@ -150,6 +156,7 @@ def test_a_registry_that_stops_answering_as_one_holds_the_partition_and_dead_let
         assert emulator.counters["events_accepted"] == 0
     finally:
         registry.answer_as_no_registry(False)
+        client.close()
     wait_delivered(emulator, traffic.expected, relays=[relay], deadline_s=60)
     wait_for(lambda: committed_offsets(kafka_bootstrap, group, topic, 1) == {0: 30}, what="all committed")
     assert end_offsets(kafka_bootstrap, f"{topic}.dlq", 1) == {0: 0}, "a setup fault is never dead-lettered"
@@ -167,7 +174,7 @@ class OwnBroker:
         self.broker = kafka_local.start(data_root=folder)
 
     def relay_config(
-        self, topic: str, emulator: EmulatorThread, registry: RegistryDouble, sections: dict[str, Any]
+        self, topic: str, emulator: EmulatorThread, registry: SchemaRegistry, sections: dict[str, Any]
     ) -> Path:
         """A relay configuration for ``topic`` on this broker (its address stays the same across restarts)."""
         return write_config(
@@ -195,7 +202,7 @@ class OwnBroker:
 
 
 def test_a_broker_killed_and_restarted_then_frozen_under_load_loses_nothing_and_readiness_tells_the_truth(
-    registry: RegistryDouble,
+    registry: SchemaRegistry,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
     tmp_path: Path,
@@ -208,7 +215,7 @@ def test_a_broker_killed_and_restarted_then_frozen_under_load_loses_nothing_and_
         sections = observed(port, observability={"port": port, "host": "127.0.0.1", "stall_after_s": stall_s})
         config = own.relay_config("shaky", emulator, registry, sections)
         emulator.set_faults(Faults(latency_ms=5))  # deliveries in flight whenever the broker goes
-        client = registry_client(registry.url)
+        client = registry.client()
         traffic = [generate(1500, registry=client, seed=s, visitors=300) for s in (41, 42, 43)]
         relay = relays(config)
         produce(own.broker.bootstrap, "shaky", traffic[0].records)
@@ -270,7 +277,7 @@ def test_a_broker_killed_and_restarted_then_frozen_under_load_loses_nothing_and_
 
 
 def test_a_stop_while_the_broker_is_gone_ends_within_its_grace(
-    registry: RegistryDouble,
+    registry: SchemaRegistry,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
     tmp_path: Path,
@@ -281,7 +288,7 @@ def test_a_stop_while_the_broker_is_gone_ends_within_its_grace(
         config = own.relay_config(
             "orphan", emulator, registry, {"delivery": {"shutdown_grace_s": 2, "revoke_grace_s": 2}}
         )
-        traffic = generate(50, registry=registry_client(registry.url), seed=8)
+        traffic = generate(50, registry=registry.client(), seed=8)
         relay = relays(config)
         produce(own.broker.bootstrap, "orphan", traffic.records)
         wait_delivered(emulator, traffic.expected, relays=[relay], deadline_s=60)
@@ -300,7 +307,7 @@ def test_a_stop_while_the_broker_is_gone_ends_within_its_grace(
 
 def test_readiness_turns_red_while_a_partition_with_a_backlog_has_not_committed_for_stall_after_s(
     kafka_bootstrap: str,
-    registry: RegistryDouble,
+    registry: SchemaRegistry,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
     stack: Stack,
@@ -312,7 +319,7 @@ def test_readiness_turns_red_while_a_partition_with_a_backlog_has_not_committed_
     relay = relays(stack.config([topic], sections=sections))
     wait_for(lambda: probe(port)[0] == 200, deadline_s=60, what="ready")
     emulator.set_faults(Faults(latency_ms=6000))  # slow, not failing: no breaker, no retry
-    traffic = generate(20, registry=registry_client(registry.url), seed=12, shops=("demo",))
+    traffic = generate(20, registry=registry.client(), seed=12, shops=("demo",))
     produce(kafka_bootstrap, topic, traffic.records)
     problems = wait_for(
         red_with(port, f"partition {topic}[0] has not committed for"), deadline_s=30, what="red"
@@ -326,7 +333,7 @@ def test_readiness_turns_red_while_a_partition_with_a_backlog_has_not_committed_
 def test_a_topic_deleted_under_the_relay_is_one_line_and_red_readiness_not_a_line_per_poll(
     kafka_bootstrap: str,
     topics: Topics,
-    registry: RegistryDouble,
+    registry: SchemaRegistry,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
     stack: Stack,

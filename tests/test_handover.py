@@ -15,11 +15,9 @@ from datetime import datetime
 
 import pytest
 
-from consumer.decode import registry_client
 from consumer_dev.emulator import EmulatorThread, Faults
 from tests.kafka import committed_offsets, end_offsets, produce, unique_name, wait_for
-from tests.relay import RelayProcess, Stack, delivered_records, numbered_views
-from tools.registry_double import RegistryDouble
+from tests.relay import RelayProcess, SchemaRegistry, Stack, delivered_records, numbered_views
 
 PARTITIONS = 6
 
@@ -67,13 +65,13 @@ def _wait_all(
 def test_a_member_joining_and_a_member_stopping_send_nothing_twice(
     mode: str,
     kafka_bootstrap: str,
-    registry: RegistryDouble,
+    registry: SchemaRegistry,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
     stack: Stack,
 ) -> None:
     per_partition = 1500
-    records = numbered_views(registry_client(registry.url), dict.fromkeys(range(PARTITIONS), per_partition))
+    records = numbered_views(registry.client(), dict.fromkeys(range(PARTITIONS), per_partition))
     expected = {(p, o) for p in range(PARTITIONS) for o in range(per_partition)}
     # Slow enough that every revoke finds calls in flight, which is when an older commit used to land last;
     # the default commit interval, as in the field (with librdkafka's auto-commit, 100 records went twice).
@@ -128,7 +126,7 @@ def test_a_member_joining_and_a_member_stopping_send_nothing_twice(
 
 def test_a_stop_with_records_left_behind_reports_exactly_how_many(
     kafka_bootstrap: str,
-    registry: RegistryDouble,
+    registry: SchemaRegistry,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
     stack: Stack,
@@ -141,7 +139,7 @@ def test_a_stop_with_records_left_behind_reports_exactly_how_many(
     def shop_of(partition: int, offset: int) -> str:
         return "other" if offset in held else "demo"
 
-    records = numbered_views(registry_client(registry.url), {0: count}, shop_of=shop_of)
+    records = numbered_views(registry.client(), {0: count}, shop_of=shop_of)
     topic = stack.topic("leftbehind")
     group = unique_name("group")
     produce(kafka_bootstrap, topic, records)
@@ -170,13 +168,13 @@ def test_a_stop_with_records_left_behind_reports_exactly_how_many(
 
 def test_a_static_member_killed_and_restarted_gets_its_partitions_back_at_once(
     kafka_bootstrap: str,
-    registry: RegistryDouble,
+    registry: SchemaRegistry,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
     stack: Stack,
 ) -> None:
     per_partition, session_timeout_s = 2000, 30
-    records = numbered_views(registry_client(registry.url), dict.fromkeys(range(PARTITIONS), per_partition))
+    records = numbered_views(registry.client(), dict.fromkeys(range(PARTITIONS), per_partition))
     expected = {(p, o) for p in range(PARTITIONS) for o in range(per_partition)}
     emulator.set_faults(Faults(latency_ms=20, latency_jitter_ms=20))
     topic = stack.topic("static", partitions=PARTITIONS)

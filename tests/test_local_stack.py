@@ -10,8 +10,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_the_local_stack_delivers_generated_traffic_and_stops_cleanly(kafka_bootstrap: str) -> None:
-    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap}
+def test_the_local_stack_delivers_generated_traffic_and_stops_cleanly(
+    kafka_bootstrap: str, schema_registry_url: str
+) -> None:
+    # The session's broker and registry: the stack uses what the environment names, as `make run` would.
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "SCHEMA_REGISTRY_URL": schema_registry_url,
+    }
     result = subprocess.run(
         [sys.executable, "-m", "tools.local_stack", "--until-delivered", "500", "--rate", "1000"],
         cwd=ROOT,
@@ -26,5 +33,6 @@ def test_the_local_stack_delivers_generated_traffic_and_stops_cleanly(kafka_boot
     assert "relay exited with status 0" in output
     assert '"relay.stopped"' in output, "the relay drained and stopped on SIGTERM"
     assert "delivered to the emulator" in output
+    assert f"schema registry at {schema_registry_url}" in output
     # The demo key is a secret like any other: it appears nowhere in what the stack printed.
     assert "local-demo-key" not in output

@@ -17,13 +17,11 @@ import pytest
 import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
-from consumer.decode import registry_client
 from consumer.logs import FOLD_WINDOW_S, SecretScrubber
 from consumer_dev.emulator import EmulatorShop, EmulatorThread, Faults
 from tests.kafka import Topics, produce, unique_name, wait_for
-from tests.relay import SHOPS, RelayProcess, Stack, generate, write_config
+from tests.relay import SHOPS, RelayProcess, SchemaRegistry, Stack, generate, write_config
 from tools import kafka_local
-from tools.registry_double import RegistryDouble
 
 #: How long a relay without its broker is watched before its librdkafka lines are counted.
 OBSERVE_S = 5.0
@@ -79,12 +77,12 @@ def test_a_missing_metric_sample_fails_naming_it_instead_of_reading_as_zero() ->
 
 def test_metrics_count_exactly_what_a_known_run_did(
     kafka_bootstrap: str,
-    registry: RegistryDouble,
+    registry: SchemaRegistry,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
     stack: Stack,
 ) -> None:
-    traffic = generate(500, registry=registry_client(registry.url), seed=101)
+    traffic = generate(500, registry=registry.client(), seed=101)
     topic = stack.topic("metrics", partitions=2)
     poison = [(b"bad1", b""), (b"bad2", b"\x00\x00\x00\x00\x63garbage")]
     produce(kafka_bootstrap, topic, [*traffic.records, *poison])
@@ -133,7 +131,7 @@ def test_metrics_count_exactly_what_a_known_run_did(
 
 def test_an_open_breaker_pauses_the_partition_and_readiness_follows_while_liveness_stays_green(
     kafka_bootstrap: str,
-    registry: RegistryDouble,
+    registry: SchemaRegistry,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
     stack: Stack,
@@ -159,7 +157,7 @@ def test_an_open_breaker_pauses_the_partition_and_readiness_follows_while_livene
     assert get(port, "/healthz")[0] == 200
 
     emulator.set_faults(Faults(outage="503"))
-    traffic = generate(50, registry=registry_client(registry.url), seed=7, shops=("demo",))
+    traffic = generate(50, registry=registry.client(), seed=7, shops=("demo",))
     produce(kafka_bootstrap, topic, traffic.records)
     _, body = wait_for(
         lambda: (r := get(port, "/readyz"))[0] == 503 and r,
@@ -171,7 +169,7 @@ def test_an_open_breaker_pauses_the_partition_and_readiness_follows_while_livene
 
     # While the breaker is open the partition feeding the shop is paused: new events stay in Kafka.
     consumed = value(samples(get(port, "/metrics")[1]), "rr_records_consumed_total", topic=topic)
-    more = generate(100, registry=registry_client(registry.url), seed=8, shops=("demo",))
+    more = generate(100, registry=registry.client(), seed=8, shops=("demo",))
     produce(kafka_bootstrap, topic, more.records)
     lagging = wait_for(
         lambda: (
@@ -204,7 +202,7 @@ def test_an_open_breaker_pauses_the_partition_and_readiness_follows_while_livene
 
 
 def test_without_its_broker_a_relay_turns_unready_and_logs_librdkafkas_complaints_as_folded_json(
-    registry: RegistryDouble,
+    registry: SchemaRegistry,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
     tmp_path: Path,
@@ -280,7 +278,7 @@ def test_without_its_broker_a_relay_turns_unready_and_logs_librdkafkas_complaint
 def test_no_secret_reaches_the_log_even_at_debug_level_on_failure_paths(
     kafka_bootstrap: str,
     topics: Topics,
-    registry: RegistryDouble,
+    registry: SchemaRegistry,
     relays: Callable[..., RelayProcess],
     tmp_path: Path,
     stack: Stack,
@@ -290,7 +288,7 @@ def test_no_secret_reaches_the_log_even_at_debug_level_on_failure_paths(
     shops = [EmulatorShop(partner_id="p-demo", api_key=secret)]
     with EmulatorThread(shops, Faults(latency_ms=300, error_rate=0.3, error_status=500)) as slow:
         topic = stack.topic("secrets")
-        traffic = generate(30, registry=registry_client(registry.url), seed=3, shops=("demo",))
+        traffic = generate(30, registry=registry.client(), seed=3, shops=("demo",))
         produce(kafka_bootstrap, topic, traffic.records)
         config = write_config(
             tmp_path / "relay.toml",

@@ -18,9 +18,17 @@ import orjson
 
 from consumer_dev.emulator import EmulatorThread
 from tests.kafka import Topics, unique_name
-from tests.relay import ROOT, RelayProcess, Stack, generate, produce_traffic, relay_env, wait_delivered
+from tests.relay import (
+    ROOT,
+    RelayProcess,
+    SchemaRegistry,
+    Stack,
+    generate,
+    produce_traffic,
+    relay_env,
+    wait_delivered,
+)
 from tools import kafka_local
-from tools.registry_double import RegistryDouble
 
 #: The relays here need only seconds to find a broker missing.
 FAST = {"kafka": {"connect_timeout_s": 3}}
@@ -91,13 +99,13 @@ def test_a_missing_dead_letter_topic_stops_run_and_says_how_to_fix_it(
 def test_with_create_topics_a_missing_dead_letter_topic_is_created_like_its_source_and_the_relay_runs(
     stack: Stack,
     topics: Topics,
-    registry: RegistryDouble,
+    registry: SchemaRegistry,
     emulator: EmulatorThread,
     relays: Callable[..., RelayProcess],
 ) -> None:
     source = topics.create("make-dlq", partitions=3)
     topics.created.append(f"{source}.dlq")  # deleted with the test's topics
-    traffic = generate(60, registry=_client(registry), seed=5)
+    traffic = generate(60, registry=registry.client(), seed=5)
     produce_traffic(stack.bootstrap, source, traffic)
     config = stack.config([source], sections={**FAST, "dead_letter": {"create_topics": True}})
     relay = relays(config)
@@ -114,7 +122,7 @@ def test_with_create_topics_a_missing_dead_letter_topic_is_created_like_its_sour
 
 
 def test_a_registry_url_with_a_wrong_path_stops_run_before_a_record_is_dead_lettered(
-    stack: Stack, registry: RegistryDouble, relays: Callable[..., RelayProcess]
+    stack: Stack, registry: SchemaRegistry, relays: Callable[..., RelayProcess]
 ) -> None:
     topic = stack.topic("wrong-path")
     config = stack.config([topic], sections=FAST)
@@ -164,9 +172,3 @@ def test_config_check_exits_2_with_a_fail_line_per_problem(stack: Stack, topics:
         f"FAIL topics[0].dead_letter_topic: dead-letter topic '{source}.dlq' does not exist: create it (e.g. "
         "with 1 partition(s), as its source topic) or set dead_letter.create_topics = true"
     ]
-
-
-def _client(registry: RegistryDouble) -> Any:
-    from consumer.decode import registry_client
-
-    return registry_client(registry.url)

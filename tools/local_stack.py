@@ -1,10 +1,11 @@
 """``make run``: the whole relay on one machine, no Docker.
 
-Starts, in order: a local Kafka broker (or uses ``KAFKA_BOOTSTRAP_SERVERS``), the topics, a schema registry
-test double, the tracking API emulator (standing in for Retail Rocket), the relay itself as its own process
-with ``config.example.toml``, and a generator of realistic shop traffic. Every few seconds it prints what the
-emulator has received, by method. Ctrl-C (or ``--until-delivered N``) stops everything in reverse order; the
-relay gets SIGTERM and drains, so the exit is clean.
+Starts, in order: a local Kafka broker (or uses ``KAFKA_BOOTSTRAP_SERVERS``), the topics, a real Schema
+Registry (Apicurio Registry's Confluent-compatible API, see ``tools.registry_local``; or uses
+``SCHEMA_REGISTRY_URL``), the tracking API emulator (standing in for Retail Rocket), the relay itself as its
+own process with ``config.example.toml``, and a generator of realistic shop traffic. Every few seconds it
+prints what the emulator has received, by method. Ctrl-C (or ``--until-delivered N``) stops everything in
+reverse order; the relay gets SIGTERM and drains, so the exit is clean.
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from consumer_dev.emulator import EmulatorShop, EmulatorThread
 from consumer_dev.sample_producer import produce_sample
-from tools import kafka_local
-from tools.registry_double import RegistryDouble
+from tools import kafka_local, registry_local
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPIC = "shop.events"
@@ -52,9 +52,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     with kafka_local.running() as bootstrap:
         _say(f"kafka broker at {bootstrap}")
         _create_topics(bootstrap)
-        with RegistryDouble() as registry, EmulatorThread([EmulatorShop("demo", DEMO_KEY)]) as emulator:
-            _say(f"schema registry (test double) at {registry.url}; tracking API emulator at {emulator.url}")
-            relay = _start_relay(args.config, bootstrap, registry.url, emulator.url)
+        with (
+            registry_local.running() as registry_url,
+            EmulatorThread([EmulatorShop("demo", DEMO_KEY)]) as emulator,
+        ):
+            _say(f"schema registry at {registry_url}; tracking API emulator at {emulator.url}")
+            relay = _start_relay(args.config, bootstrap, registry_url, emulator.url)
             producer = threading.Thread(
                 target=produce_sample,
                 name="sample-producer",
@@ -64,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "topic": TOPIC,
                     "count": None,
                     "rate": args.rate,
-                    "registry_url": registry.url,
+                    "registry_url": registry_url,
                     "should_stop": stop.is_set,
                 },
             )

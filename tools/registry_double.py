@@ -5,9 +5,10 @@ This double answers the calls ``confluent_kafka.schema_registry.SchemaRegistryCl
 error JSON shaped like the real registry's (``{"error_code": 40403, "message": ...}``):
 
 =====================================  ==============================================================
-``POST /subjects/{s}/versions``        register a schema (same schema → same id) → ``{"id": n}``
+``POST /subjects/{s}/versions``        register a schema (same schema → same id) → ``{"id": n, "guid": g}``
 ``POST /subjects/{s}``                 look a schema up in a subject → subject, id, version, schema
 ``GET  /schemas/ids/{id}``             a schema by id → ``{"schema": ...}`` (+ ``schemaType`` if not Avro)
+``GET  /schemas/guids/{guid}``         a schema by GUID (Confluent Platform 8.1+; Apicurio 3.3.3 lacks it)
 ``GET  /schemas/ids/{id}/versions``    the (subject, version) pairs of an id
 ``GET  /schemas/ids/{id}/subjects``    the subjects of an id
 ``GET  /schemas/types``                ``["AVRO", "JSON", "PROTOBUF"]``
@@ -34,6 +35,7 @@ import re
 import signal
 import sys
 import threading
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -190,6 +192,7 @@ class RegistryDouble:
             ("POST", re.compile(rf"/subjects/{segment}/versions"), self._register),
             ("POST", re.compile(rf"/subjects/{segment}"), self._lookup),
             ("GET", re.compile(r"/schemas/ids/(\d+)"), self._schema_by_id),
+            ("GET", re.compile(rf"/schemas/guids/{segment}"), self._schema_by_guid),
             ("GET", re.compile(r"/schemas/ids/(\d+)/versions"), self._versions_of_id),
             ("GET", re.compile(r"/schemas/ids/(\d+)/subjects"), self._subjects_of_id),
             ("GET", re.compile(r"/schemas/types"), lambda body: ["AVRO", "JSON", "PROTOBUF"]),
@@ -208,7 +211,7 @@ class RegistryDouble:
         versions = self._store.subjects.setdefault(subject, [])
         if schema_id not in versions:
             versions.append(schema_id)
-        return {"id": schema_id}
+        return {"id": schema_id, "guid": schema_guid(schema_id)}
 
     def _lookup(self, subject: str, *, body: bytes) -> dict[str, Any]:
         versions = self._store.versions(subject)
@@ -226,6 +229,12 @@ class RegistryDouble:
         if references:
             answer["references"] = references
         return answer
+
+    def _schema_by_guid(self, guid: str, *, body: bytes) -> dict[str, Any]:
+        for schema_id in range(1, len(self._store.schemas) + 1):
+            if schema_guid(schema_id) == guid:
+                return self._schema_by_id(str(schema_id), body=body)
+        raise _Answer(404, 40403, f"Schema {guid} not found")
 
     def _versions_of_id(self, schema_id: str, *, body: bytes) -> list[dict[str, Any]]:
         self._store.schema(int(schema_id))
@@ -253,7 +262,13 @@ class RegistryDouble:
 
     def _registered(self, subject: str, version: int, schema_id: int) -> dict[str, Any]:
         schema, kind, references = self._store.schema(schema_id)
-        answer: dict[str, Any] = {"subject": subject, "version": version, "id": schema_id, "schema": schema}
+        answer: dict[str, Any] = {
+            "subject": subject,
+            "version": version,
+            "id": schema_id,
+            "guid": schema_guid(schema_id),
+            "schema": schema,
+        }
         if kind != "AVRO":
             answer["schemaType"] = kind
         if references:
@@ -295,6 +310,11 @@ class _Server(ThreadingHTTPServer):
         """A client that hung up (timed out on a stalled request) is expected; anything else is reported."""
         if not isinstance(sys.exc_info()[1], ConnectionError):
             super().handle_error(request, client_address)
+
+
+def schema_guid(schema_id: int) -> str:
+    """The GUID of a schema id: fixed per id, so a restarted double gives the same GUIDs."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"registry-double/{schema_id}"))
 
 
 def _parse_schema_request(body: bytes) -> tuple[str, str, list[Any]]:

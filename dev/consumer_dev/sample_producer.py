@@ -76,6 +76,8 @@ def produce_sample(
                     time.sleep(ahead)
     finally:
         close_producer(producer, 30)
+        if registry is not None:
+            registry.close()  # a real registry keeps the connection alive: close it, do not leave it to GC
     if errors:
         raise RuntimeError(f"producing to {topic} failed: {errors[0]}")
     return produced
