@@ -35,8 +35,12 @@ def client(schema_registry_url: str) -> Iterator[SchemaRegistryClient]:
 
 @pytest.fixture
 def reader(schema_registry_url: str) -> Iterator[SchemaRegistryClient]:
-    """Another client, with an empty cache: what its decoder reads, it asks the registry for."""
-    made = registry_client(schema_registry_url)
+    """Another client, with an empty cache: what its decoder reads, it asks the registry for.
+
+    These tests hold what the registry answers, not how fast: Apicurio's first answer on a path it has not
+    served yet (its error path included) once took over the relay's 5 s under a loaded CI run, so they wait
+    longer for it."""
+    made = registry_client(schema_registry_url, timeout=30.0)
     yield made
     made.close()
 
