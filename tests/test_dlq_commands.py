@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from consumer import resolution
-from consumer.decode import DomainEvent
+from consumer.decode import VALUE_SCHEMA_ID_HEADER, DomainEvent
 from consumer.translate import Translator
 from consumer_dev.emulator import EmulatorShop, EmulatorThread, Faults
 from consumer_dev.sample import build_encoder
@@ -533,3 +533,45 @@ def test_a_redrive_killed_midway_loses_nothing_and_the_next_run_finishes_it(
     # ... and every record has its outcome recorded: the next run has nothing to do.
     recorded = resolution.read({"bootstrap.servers": stack.bootstrap}, [dlq], outcomes=False).resolved
     assert recorded == {(dlq, 0): set(range(count))}
+
+
+def test_a_record_whose_schema_id_travels_in_a_header_is_re_driven_with_it(
+    kafka_bootstrap: str,
+    topics: Topics,
+    registry: SchemaRegistry,
+    tmp_path: Path,
+) -> None:
+    """The value is a bare Avro body and its schema id is in ``__value_schema_id``: the dead letter keeps that
+    header, so the re-drive decodes the record as the first pass did, instead of failing it as undecodable."""
+    encoder = build_encoder("confluent-avro", registry=registry.client())
+    framed = encoder.encode("ProductViewed", event("ProductViewed", productId=REJECTED_VIEW, sessionId="v1"))
+    topic = topics.create("header-redrive")
+    dlq = topics.create_named(f"{topic}.dlq")
+    topics.created.append(f"{dlq}.resolved")
+    produce_with_headers(
+        kafka_bootstrap, topic, [(b"v1", framed[5:], [(VALUE_SCHEMA_ID_HEADER, framed[:5])])]
+    )
+    shops = [EmulatorShop(partner_id=pid, api_key=key) for pid, key in SHOPS.values()]
+    with EmulatorThread(shops, Faults(reject_product_ids=(REJECTED_VIEW,))) as emulator:
+        config = write_config(
+            tmp_path / "relay.toml",
+            bootstrap=kafka_bootstrap,
+            topics=[topic],
+            group=unique_name("group"),
+            emulator_url=emulator.url,
+            registry_url=registry.url,
+        )
+        relay = RelayProcess(config=config, log=tmp_path / "relay.log").start()
+        try:
+            (letter,) = dead_letters(kafka_bootstrap, dlq, 1)
+            assert relay.terminate() == 0
+        finally:
+            relay.cleanup()
+        assert letter["headers"]["rr.dlq.stage"] == "deliver", "rejected by the API, not undecodable"
+
+        emulator.set_faults(Faults())
+        emulator.reset()
+        redriven = rr("dlq", "redrive", "--config", str(config))
+        assert redriven.returncode == 0, redriven.stderr[-3000:]
+        assert [(m, body["productId"]) for m, body in calls_at(emulator)] == [("view", REJECTED_VIEW)]
+        assert end_offsets(kafka_bootstrap, dlq, 1) == {0: 1}, "nothing dead-lettered again"
