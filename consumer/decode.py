@@ -400,8 +400,11 @@ class ConfluentAvroDecoder:
                 visit(registered.schema.references, what)
                 try:
                     raw = _without_timestamp_conversion(json.loads(text))
+                    # A shared type renames its fields as a schema of its own would. Not the type itself:
+                    # the schemas that refer to it do so by the name the writer gave it.
+                    raw = _renamed_by_aliases(raw, self._reader_fields, "", records=False)
                     parse_schema(raw, named_schemas=named)
-                except (ValueError, TypeError, KeyError, SchemaParseException) as exc:
+                except (ValueError, TypeError, KeyError, AttributeError, SchemaParseException) as exc:
                     raise _BadReference(f"{what} is not a schema this service can parse: {exc!r}") from exc
                 if isinstance(raw, dict) and isinstance(raw.get("name"), str):
                     definitions[_full_name(raw, "")] = raw
@@ -464,8 +467,11 @@ def _reader_fields(catalogue: _Catalogue) -> dict[str, frozenset[str]]:
     return found
 
 
-def _renamed_by_aliases(node: Any, reader: Mapping[str, frozenset[str]], namespace: str) -> Any:
-    """A writer schema (JSON) with its aliases applied toward the reader's names.
+def _renamed_by_aliases(
+    node: Any, reader: Mapping[str, frozenset[str]], namespace: str, *, records: bool = True
+) -> Any:
+    """A writer schema (JSON) with its aliases applied toward the reader's names (``records=False``: the
+    fields' only, the named types keep the writer's names).
 
     Avro resolves aliases on the reader's side only: a platform that renames a field (or a record) and keeps
     the old name as an alias writes a schema the registry accepts as BACKWARD compatible, but an older
@@ -474,7 +480,7 @@ def _renamed_by_aliases(node: Any, reader: Mapping[str, frozenset[str]], namespa
     not: names only, never a layout, so the bytes read exactly as written.
     """
     if isinstance(node, list):
-        return [_renamed_by_aliases(item, reader, namespace) for item in node]
+        return [_renamed_by_aliases(item, reader, namespace, records=records) for item in node]
     if not isinstance(node, dict):
         return node
     kind = node.get("type")
@@ -482,7 +488,7 @@ def _renamed_by_aliases(node: Any, reader: Mapping[str, frozenset[str]], namespa
     if kind in _NAMED_KINDS:
         full = _full_name(node, namespace)
         namespace = full.rpartition(".")[0]
-        if full not in reader:
+        if records and full not in reader:
             known = [a for a in (_alias_name(a, namespace) for a in node.get("aliases", ())) if a in reader]
             if known:
                 copy["name"], copy["namespace"] = known[0].rpartition(".")[2], known[0].rpartition(".")[0]
@@ -492,7 +498,7 @@ def _renamed_by_aliases(node: Any, reader: Mapping[str, frozenset[str]], namespa
         present = {f["name"] for f in node["fields"]}
         fields = []
         for f in node["fields"]:
-            renamed = dict(f, type=_renamed_by_aliases(f["type"], reader, namespace))
+            renamed = dict(f, type=_renamed_by_aliases(f["type"], reader, namespace, records=records))
             if f["name"] not in wanted:
                 old = [a for a in f.get("aliases", ()) if a in wanted and a not in present]
                 if old:
@@ -500,11 +506,11 @@ def _renamed_by_aliases(node: Any, reader: Mapping[str, frozenset[str]], namespa
             fields.append(renamed)
         copy["fields"] = fields
     elif kind == "array":
-        copy["items"] = _renamed_by_aliases(node["items"], reader, namespace)
+        copy["items"] = _renamed_by_aliases(node["items"], reader, namespace, records=records)
     elif kind == "map":
-        copy["values"] = _renamed_by_aliases(node["values"], reader, namespace)
+        copy["values"] = _renamed_by_aliases(node["values"], reader, namespace, records=records)
     elif isinstance(kind, dict | list):
-        copy["type"] = _renamed_by_aliases(kind, reader, namespace)
+        copy["type"] = _renamed_by_aliases(kind, reader, namespace, records=records)
     return copy
 
 

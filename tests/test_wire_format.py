@@ -260,6 +260,34 @@ def test_a_writer_whose_references_flatten_to_the_reader_decodes(registry: Schem
     )
 
 
+def test_a_shared_type_that_renamed_a_field_keeping_the_old_name_as_an_alias_decodes_it_by_the_old_name(
+    registry: SchemaRegistryClient,
+) -> None:
+    """The alias applies inside a referenced schema too: the line's ``quantity`` renamed ``count``."""
+    order = json.loads(schema_text("OrderPlaced"))
+    lines = next(f for f in order["fields"] if f["name"] == "lines")
+    line = lines["type"]["items"] | {"namespace": NAMESPACE}
+    line["fields"] = [
+        f | {"name": "count", "aliases": ["quantity"]} if f["name"] == "quantity" else f
+        for f in line["fields"]
+    ]
+    register(registry, "lines", line, [])
+    lines["type"]["items"] = f"{NAMESPACE}.OrderLine"
+    schema_id = register(
+        registry, f"{TOPIC}-value", order, [SchemaReference(f"{NAMESPACE}.OrderLine", "lines", 1)]
+    )
+    written = EVENTS["OrderPlaced"] | {
+        "lines": [
+            {("count" if k == "quantity" else k): v for k, v in item.items()}
+            for item in EVENTS["OrderPlaced"]["lines"]
+        ]
+    }
+    value = write(schema_id, [line, order], written)
+    assert build_decoder("confluent-avro", registry=registry).decode(value) == DomainEvent(
+        "OrderPlaced", EVENTS["OrderPlaced"]
+    )
+
+
 def test_a_reference_the_registry_does_not_know_is_a_permanent_decode_error(
     registry: SchemaRegistryClient,
 ) -> None:
