@@ -63,6 +63,34 @@ def calls_at(emulator: EmulatorThread) -> list[tuple[str, dict[str, Any]]]:
     return [(e["method"], e["body"]) for e in emulator.events()]
 
 
+def run_until_dead_lettered(
+    bootstrap: str,
+    topic: str,
+    emulator: EmulatorThread,
+    registry: SchemaRegistry,
+    tmp_path: Path,
+    *,
+    dead_lettered: int,
+) -> tuple[Path, list[dict[str, Any]]]:
+    """Run a relay over ``topic`` until it dead-lettered that many records, then stop it cleanly: the
+    configuration (for the CLI after it) and the dead letters."""
+    config = write_config(
+        tmp_path / "relay.toml",
+        bootstrap=bootstrap,
+        topics=[topic],
+        group=unique_name("group"),
+        emulator_url=emulator.url,
+        registry_url=registry.url,
+    )
+    relay = RelayProcess(config=config, log=tmp_path / "relay.log").start()
+    try:
+        letters = dead_letters(bootstrap, f"{topic}.dlq", dead_lettered)
+        assert relay.terminate() == 0
+    finally:
+        relay.cleanup()
+    return config, letters
+
+
 def test_inspect_shows_the_story_and_redrive_sends_only_what_failed_with_a_loop_guard(
     kafka_bootstrap: str,
     topics: Topics,
@@ -94,20 +122,9 @@ def test_inspect_shows_the_story_and_redrive_sends_only_what_failed_with_a_loop_
     produce(kafka_bootstrap, topic, records)
     shops = [EmulatorShop(partner_id=pid, api_key=key) for pid, key in SHOPS.values()]
     with EmulatorThread(shops, Faults(reject_product_ids=(REJECTED_ORDER_ITEM, REJECTED_VIEW))) as emulator:
-        config = write_config(
-            tmp_path / "relay.toml",
-            bootstrap=kafka_bootstrap,
-            topics=[topic],
-            group=unique_name("group"),
-            emulator_url=emulator.url,
-            registry_url=registry.url,
+        config, _ = run_until_dead_lettered(
+            kafka_bootstrap, topic, emulator, registry, tmp_path, dead_lettered=3
         )
-        relay = RelayProcess(config=config, log=tmp_path / "relay.log").start()
-        try:
-            dead_letters(kafka_bootstrap, dlq, 3)
-            assert relay.terminate() == 0
-        finally:
-            relay.cleanup()
         first_pass = calls_at(emulator)
         assert sorted(body["productId"] for _, body in first_pass) == [5, 10, 12]
 
@@ -553,20 +570,9 @@ def test_a_record_whose_schema_id_travels_in_a_header_is_re_driven_with_it(
     )
     shops = [EmulatorShop(partner_id=pid, api_key=key) for pid, key in SHOPS.values()]
     with EmulatorThread(shops, Faults(reject_product_ids=(REJECTED_VIEW,))) as emulator:
-        config = write_config(
-            tmp_path / "relay.toml",
-            bootstrap=kafka_bootstrap,
-            topics=[topic],
-            group=unique_name("group"),
-            emulator_url=emulator.url,
-            registry_url=registry.url,
+        config, (letter,) = run_until_dead_lettered(
+            kafka_bootstrap, topic, emulator, registry, tmp_path, dead_lettered=1
         )
-        relay = RelayProcess(config=config, log=tmp_path / "relay.log").start()
-        try:
-            (letter,) = dead_letters(kafka_bootstrap, dlq, 1)
-            assert relay.terminate() == 0
-        finally:
-            relay.cleanup()
         assert letter["headers"]["rr.dlq.stage"] == "deliver", "rejected by the API, not undecodable"
 
         emulator.set_faults(Faults())

@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import fastavro
@@ -244,17 +244,27 @@ def test_a_writer_with_references_several_levels_deep_and_a_type_reached_twice_d
     assert event == DomainEvent("OrderPlaced", EVENTS["OrderPlaced"])  # read in the reader's shape
 
 
-def test_a_writer_whose_references_flatten_to_the_reader_decodes(registry: SchemaRegistryClient) -> None:
-    """The common case: a shared type moved to its own subject, nothing else changed."""
+def order_with_line_subject(
+    registry: SchemaRegistryClient, edit_line: Callable[[dict[str, Any]], None] = lambda line: None
+) -> tuple[int, list[Any]]:
+    """OrderPlaced with its line type (``edit_line``'s edit of the reader's) in a subject of its own:
+    the writer's schema id, and the schemas to write with."""
     order = json.loads(schema_text("OrderPlaced"))
     lines = next(f for f in order["fields"] if f["name"] == "lines")
     line = lines["type"]["items"] | {"namespace": NAMESPACE}
+    edit_line(line)
     register(registry, "lines", line, [])
     lines["type"]["items"] = f"{NAMESPACE}.OrderLine"
     schema_id = register(
         registry, f"{TOPIC}-value", order, [SchemaReference(f"{NAMESPACE}.OrderLine", "lines", 1)]
     )
-    value = write(schema_id, [line, order], EVENTS["OrderPlaced"])
+    return schema_id, [line, order]
+
+
+def test_a_writer_whose_references_flatten_to_the_reader_decodes(registry: SchemaRegistryClient) -> None:
+    """The common case: a shared type moved to its own subject, nothing else changed."""
+    schema_id, schemas = order_with_line_subject(registry)
+    value = write(schema_id, schemas, EVENTS["OrderPlaced"])
     assert build_decoder("confluent-avro", registry=registry).decode(value) == DomainEvent(
         "OrderPlaced", EVENTS["OrderPlaced"]
     )
@@ -264,25 +274,21 @@ def test_a_shared_type_that_renamed_a_field_keeping_the_old_name_as_an_alias_dec
     registry: SchemaRegistryClient,
 ) -> None:
     """The alias applies inside a referenced schema too: the line's ``quantity`` renamed ``count``."""
-    order = json.loads(schema_text("OrderPlaced"))
-    lines = next(f for f in order["fields"] if f["name"] == "lines")
-    line = lines["type"]["items"] | {"namespace": NAMESPACE}
-    line["fields"] = [
-        f | {"name": "count", "aliases": ["quantity"]} if f["name"] == "quantity" else f
-        for f in line["fields"]
-    ]
-    register(registry, "lines", line, [])
-    lines["type"]["items"] = f"{NAMESPACE}.OrderLine"
-    schema_id = register(
-        registry, f"{TOPIC}-value", order, [SchemaReference(f"{NAMESPACE}.OrderLine", "lines", 1)]
-    )
+
+    def rename_quantity(line: dict[str, Any]) -> None:
+        line["fields"] = [
+            f | {"name": "count", "aliases": ["quantity"]} if f["name"] == "quantity" else f
+            for f in line["fields"]
+        ]
+
+    schema_id, schemas = order_with_line_subject(registry, rename_quantity)
     written = EVENTS["OrderPlaced"] | {
         "lines": [
             {("count" if k == "quantity" else k): v for k, v in item.items()}
             for item in EVENTS["OrderPlaced"]["lines"]
         ]
     }
-    value = write(schema_id, [line, order], written)
+    value = write(schema_id, schemas, written)
     assert build_decoder("confluent-avro", registry=registry).decode(value) == DomainEvent(
         "OrderPlaced", EVENTS["OrderPlaced"]
     )
@@ -291,15 +297,8 @@ def test_a_shared_type_that_renamed_a_field_keeping_the_old_name_as_an_alias_dec
 def test_a_reference_the_registry_does_not_know_is_a_permanent_decode_error(
     registry: SchemaRegistryClient,
 ) -> None:
-    order = json.loads(schema_text("OrderPlaced"))
-    lines = next(f for f in order["fields"] if f["name"] == "lines")
-    line = lines["type"]["items"] | {"namespace": NAMESPACE}
-    register(registry, "lines", line, [])
-    lines["type"]["items"] = f"{NAMESPACE}.OrderLine"
-    schema_id = register(
-        registry, f"{TOPIC}-value", order, [SchemaReference(f"{NAMESPACE}.OrderLine", "lines", 1)]
-    )
-    value = write(schema_id, [line, order], EVENTS["OrderPlaced"])
+    schema_id, schemas = order_with_line_subject(registry)
+    value = write(schema_id, schemas, EVENTS["OrderPlaced"])
     registry.delete_subject("lines", permanent=True)
     with pytest.raises(
         DecodeError, match=r"reference lines version 1 of schema id \d+ is not in the registry"
