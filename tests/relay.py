@@ -45,6 +45,10 @@ def toml_value(value: Any) -> str:
     return str(value)
 
 
+#: Settings of a registry client a test uses to set the scene, not to test the relay: it waits, and retries.
+PATIENT: Mapping[str, Any] = {"timeout": 60.0, "max_retries": 2}
+
+
 @dataclass
 class SchemaRegistry:
     """The session's real Schema Registry (``tools.registry_local``, or ``SCHEMA_REGISTRY_URL``'s).
@@ -57,10 +61,15 @@ class SchemaRegistry:
     _clients: list[Any] = field(default_factory=list, repr=False)
 
     def client(self) -> Any:
-        """A new client of the registry (its own cache: what it reads, it asks the registry for)."""
+        """A new client of the registry (its own cache: what it reads, it asks the registry for).
+
+        A test's own client registers and reads schemas to set the scene, so it waits for the registry: under
+        a loaded CI run Apicurio once took over 5 s (the relay's timeout) to answer a first registration on
+        a new subject. How the relay meets a slow registry is tested on its own (tests/test_faults.py).
+        """
         from consumer.decode import registry_client
 
-        self._clients.append(registry_client(self.url))
+        self._clients.append(registry_client(self.url, **PATIENT))
         return self._clients[-1]
 
     def close(self) -> None:

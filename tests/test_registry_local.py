@@ -21,6 +21,7 @@ from confluent_kafka.schema_registry import Schema, SchemaReference, SchemaRegis
 from consumer.decode import SCHEMAS_DIR, DomainEvent, SchemaNotFound, build_decoder, registry_client
 from consumer.errors import PermanentError, RegistryUnavailable
 from tests.kafka import wait_for
+from tests.relay import PATIENT
 from tests.test_decode import EVENTS
 from tools import registry_local
 
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def client(schema_registry_url: str) -> Iterator[SchemaRegistryClient]:
-    made = registry_client(schema_registry_url)
+    made = registry_client(schema_registry_url, **PATIENT)  # it sets the scene: it may wait for Apicurio
     yield made
     made.close()
 
