@@ -152,10 +152,10 @@ def _add_config(commands: Commands) -> None:
         if args.offline:
             print("skipped: brokers, topics, dead-letter topics, schema registry (--offline)")
             return 0
-        from consumer import preflight, service
+        from consumer import clients, preflight
 
         checks = preflight.run_checks(
-            loaded, admin_config=service.kafka_client_config(loaded.settings), create=False
+            loaded, admin_config=clients.kafka_client_config(loaded.settings), create=False
         )
         for line in (check.line() for check in checks):
             print(line)

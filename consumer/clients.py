@@ -8,7 +8,12 @@ a broker thread and hung the whole test suite (issue 12).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from confluent_kafka import Producer
+
+if TYPE_CHECKING:
+    from consumer.config import Settings
 
 
 def close_producer(producer: Producer, timeout_s: float) -> int:
@@ -24,3 +29,27 @@ def close_producer(producer: Producer, timeout_s: float) -> int:
         producer.flush(0)  # serves the purged records' delivery reports
     producer.close()
     return remaining
+
+
+#: librdkafka settings only a consumer takes: passed to a producer or an admin client, each draws a warning.
+_CONSUMER_ONLY = (
+    "auto.",
+    "group.",
+    "session.",
+    "heartbeat.",
+    "max.poll.",
+    "fetch.",
+    "queued.",
+    "partition.assignment.",
+    "isolation.",
+    "enable.auto.",
+    "enable.partition.eof",
+    "check.crcs",
+)
+
+
+def kafka_client_config(settings: Settings) -> dict[str, Any]:
+    """The settings every client of the relay shares (security, addresses): no consumer-only ones."""
+    kafka = settings.kafka
+    common = {k: v for k, v in kafka.client.items() if not k.startswith(_CONSUMER_ONLY)}
+    return {**common, "bootstrap.servers": kafka.bootstrap_servers}

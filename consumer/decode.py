@@ -48,7 +48,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from importlib import resources
 from pathlib import Path
-from typing import Any, Final, Literal, Protocol, cast, get_args
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, cast, get_args
 
 import orjson
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
@@ -60,6 +60,9 @@ from fastavro.schema import SchemaParseException
 
 from consumer import events
 from consumer.errors import ConfigError, DecodeError, RegistryUnavailable
+
+if TYPE_CHECKING:
+    from consumer.config import RelayConfig
 
 ValueFormat = Literal["confluent-avro", "avro", "json"]
 VALUE_FORMATS: Final[tuple[ValueFormat, ...]] = get_args(ValueFormat)
@@ -941,3 +944,24 @@ def registry_client(
         **(extra or {}),
     }
     return SchemaRegistryClient.new_client(conf)
+
+
+def build_decoders(config: RelayConfig) -> dict[str, Decoder]:
+    settings = config.settings
+    registry = None
+    if settings.schema_registry.url:
+        extra: dict[str, Any] = {}
+        if config.schema_registry_auth is not None:
+            extra["basic.auth.user.info"] = config.schema_registry_auth.get_secret_value()
+        registry = registry_client(
+            settings.schema_registry.url, timeout=settings.schema_registry.timeout_s, extra=extra
+        )
+    return {
+        topic.name: build_decoder(
+            topic.format,
+            registry=registry if topic.format == "confluent-avro" else None,
+            record_name=topic.record_name,
+            schemas_dir=settings.schemas_dir,
+        )
+        for topic in settings.topics
+    }

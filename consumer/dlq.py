@@ -31,7 +31,9 @@ from rich.table import Table
 from rich.text import Text
 
 from consumer import resolution
+from consumer.clients import kafka_client_config
 from consumer.config import RelayConfig, Settings, TopicConfig
+from consumer.decode import build_decoders
 from consumer.errors import ConfigError
 from consumer.record import TopicPartition
 from consumer.redrive import (
@@ -41,6 +43,7 @@ from consumer.redrive import (
     REDRIVE_FROM_PARTITION,
     Coordinates,
     Outcome,
+    Redrive,
     RedriveFilter,
     RedrivePlan,
     dlq_headers,
@@ -49,7 +52,7 @@ from consumer.redrive import (
     parse_time,
     where,
 )
-from consumer.service import Redrive, Relay, build_decoders, kafka_client_config
+from consumer.service import Relay
 
 READ_TIMEOUT_S = 10.0
 #: States a record can be in, as ``inspect --state`` names them.

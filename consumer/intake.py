@@ -4,7 +4,8 @@ librdkafka's consumer is not shared between threads, and its rebalance callbacks
 the thread that called it. So this thread does everything that touches the consumer — consume, decode and
 translate each batch of records (plain function calls), pause and resume, commit settled positions
 (``consumer.commit``: periodically, on revoke, at close) — and hands finished batches of :class:`Record`
-to the event loop with one ``call_soon_threadsafe`` per batch, never per record.
+to the event loop, one hand-off per batch, never per record. Everything that crosses between this thread
+and the loop goes through ``consumer.handoff``.
 
 A revoke must wait for in-flight HTTP calls without blocking what completes them: the callback asks the
 loop to release the partitions (a coroutine that waits up to the grace period) and blocks only this
@@ -38,12 +39,12 @@ from consumer.contract import SINGLE_METHODS, TrackingCall
 from consumer.decode import Decoder, DomainEvent, UnknownEventType
 from consumer.errors import DecodeError, PermanentError, RegistryUnavailable, TranslateError
 from consumer.faults import FaultBoard
+from consumer.handoff import Handoff
 from consumer.logs import KafkaLog
 from consumer.metrics import RelayMetrics
 from consumer.record import CallFailure, Record, TopicPartition
 from consumer.redrive import RedrivePlan
 from consumer.retry import Backoff
-from consumer.settle import OffsetLedger
 from consumer.translate import Translator
 
 log = structlog.get_logger(__name__)
@@ -109,9 +110,8 @@ class Intake:
         settings: Settings,
         decoders: Mapping[str, Decoder],
         translator: Translator,
-        ledger: OffsetLedger,
+        handoff: Handoff,
         listener: IntakeListener,
-        loop: asyncio.AbstractEventLoop,
         *,
         consumer_factory: Callable[[dict[str, Any]], Consumer] = Consumer,
         metrics: RelayMetrics | None = None,
@@ -129,9 +129,8 @@ class Intake:
         self._settings = settings
         self._decoders = decoders
         self._translator = translator
-        self._ledger = ledger
+        self._handoff = handoff
         self._listener = listener
-        self._loop = loop
         self._consumer_factory = consumer_factory
         self._mode: DeliveryMode = settings.delivery.mode
         self._unknown: UnknownEventPolicy = settings.delivery.unknown_event
@@ -147,21 +146,11 @@ class Intake:
         self._closing = False
         # partition -> (resume at, failed attempts): partitions waiting out a schema registry outage
         self._decode_retry: dict[TopicPartition, tuple[float, int]] = {}
-        #: Partitions the loop wants paused (their shop's circuit breaker is open); replaced, never mutated.
-        self.held: frozenset[TopicPartition] = frozenset()
-        #: Records behind each partition's end, from librdkafka's statistics (read by the metrics).
-        self.lag: dict[TopicPartition, int] = {}
-        #: When each partition's offset was last committed (wall clock), from the commit callback.
-        self.commit_times: dict[TopicPartition, float] = {}
-        #: When each partition was assigned (wall clock): how old "never committed" is.
-        self.assigned_at: dict[TopicPartition, float] = {}
         self._lag_refresh_due = False
         heartbeat_s = float(settings.kafka.client.get("heartbeat.interval.ms", 3000)) / 1000
         self._broker_silent_s = max(BROKER_SILENT_MIN_S, BROKER_SILENT_HEARTBEATS * heartbeat_s)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rr-intake", daemon=True)
-        self.consumed = 0
-        self.last_poll = time.monotonic()
 
     # --- control, from the loop ----------------------------------------------------------------------
 
@@ -183,10 +172,6 @@ class Intake:
     def join(self, timeout: float | None = None) -> bool:
         self._thread.join(timeout)
         return not self._thread.is_alive()
-
-    @property
-    def assigned(self) -> frozenset[TopicPartition]:
-        return frozenset(self._assigned)
 
     # --- the thread ----------------------------------------------------------------------------------
 
@@ -216,10 +201,10 @@ class Intake:
             if consumer is not None:
                 self._close_consumer(consumer)
             config["logger"].flush()  # the counts of librdkafka's lines held back, now the consumer is closed
-            self._loop.call_soon_threadsafe(self._listener.on_intake_stopped, error)
+            self._handoff.to_loop(self._listener.on_intake_stopped, error)
 
     def _iteration(self, consumer: Consumer) -> None:
-        self.last_poll = time.monotonic()
+        self._handoff.last_poll = time.monotonic()
         self._commit_positions(consumer)
         self._apply_pause(consumer)
         messages = consumer.consume(num_messages=self._settings.kafka.consume_batch, timeout=POLL_TIMEOUT_S)
@@ -228,7 +213,7 @@ class Intake:
         if messages:
             records = self._prepare(consumer, messages)
             if records:
-                self._loop.call_soon_threadsafe(self._listener.on_records, records)
+                self._handoff.to_loop(self._listener.on_records, records)
 
     def _commit_before_close(self, consumer: Consumer) -> None:
         """Commit what settled before close() (whose revoke commits again, or may not come at all).
@@ -238,14 +223,14 @@ class Intake:
         and commit then; closing at once would leave the settled records to be sent again.
         """
         deadline = time.monotonic() + max(self._settings.delivery.revoke_grace_s, POLL_TIMEOUT_S)
-        self._committer.note(self._ledger.take_positions())
+        self._committer.note(self._handoff.positions.take())
         while not self._committer.commit_now(consumer, self._owned()):
             if time.monotonic() > deadline:
                 log.error("intake.final_commit_abandoned", partitions=len(self._assigned))
                 return
             self._apply_pause(consumer)
             consumer.consume(num_messages=self._settings.kafka.consume_batch, timeout=POLL_TIMEOUT_S)
-            self._committer.note(self._ledger.take_positions())
+            self._committer.note(self._handoff.positions.take())
 
     def _close_consumer(self, consumer: Consumer) -> None:
         # close() revokes every partition through _on_revoke, which commits each one's settled position.
@@ -301,7 +286,7 @@ class Intake:
                 self._decode_retry.pop(tp, None)
             if not self._decode_retry:
                 self.faults.clear("registry", event="intake.registry_back")
-        self.consumed += len(records)
+        self._handoff.consumed += len(records)
         consumed = self._metrics.consumed
         for name, count in counts.items():
             consumed[name] += count
@@ -422,7 +407,7 @@ class Intake:
         now = time.monotonic()
         wanted_paused = set(self._assigned) if self._draining else self._over_share()
         wanted_paused |= {tp for tp, (resume_at, _) in self._decode_retry.items() if resume_at > now}
-        wanted_paused |= self.held | self._finished
+        wanted_paused |= self._handoff.held | self._finished
         current = self._currently_paused
         if wanted_paused != current:
             to_pause = wanted_paused - current
@@ -442,7 +427,7 @@ class Intake:
         may always take one consume() batch, so the records in flight exceed the cap only by what partitions
         coming out of idleness take before the others' shares shrink to make room for them.
         """
-        unsettled = self._ledger.unsettled_by_partition()
+        unsettled = self._handoff.unsettled
         assigned = self._assigned
         busy = [tp for tp, count in unsettled.items() if count > 0 and tp in assigned]
         share = max(1, self._cap // max(1, len(busy)))
@@ -461,7 +446,7 @@ class Intake:
         return {tp: generation[tp] for tp in self._assigned}
 
     def _commit_positions(self, consumer: Consumer) -> None:
-        positions = self._ledger.take_positions()
+        positions = self._handoff.positions.take()
         if positions:
             self._committer.note(positions)
         self._committer.commit_due(consumer, self._owned())
@@ -479,13 +464,14 @@ class Intake:
                 tp = (topic, int(key))
                 if tp in self._assigned and partition.get("consumer_lag", -1) >= 0:
                     lag[tp] = int(partition["consumer_lag"])
-        self.lag = lag
+        self._handoff.lag = lag
         self._lag_refresh_due = bool(self._currently_paused)
 
     def _refresh_paused_lag(self, consumer: Consumer) -> None:
         """A paused partition is not fetched, so librdkafka's lag for it goes stale just when the backlog
         grows (a breaker open, backpressure). Ask the broker for its end offset instead."""
         self._lag_refresh_due = False
+        lag = dict(self._handoff.lag)
         for tp in self._currently_paused & self._assigned:
             partition = KafkaTopicPartition(tp[0], tp[1])
             try:
@@ -495,7 +481,8 @@ class Intake:
                 log.debug("intake.lag_query_failed", topic=tp[0], partition=tp[1], reason=str(exc))
                 continue
             if position >= 0:
-                self.lag[tp] = max(0, high - position)
+                lag[tp] = max(0, high - position)
+        self._handoff.lag = lag
 
     def _on_error(self, error: KafkaError) -> None:
         """librdkafka's error events (served inside consume()); the rest of its news is in its log."""
@@ -527,31 +514,35 @@ class Intake:
             self._committer.failed(refused)
         now = time.time()
         acknowledged = [p for p in partitions if p.error is None and p.offset >= 0]
-        for partition in acknowledged:
-            self.commit_times[(partition.topic, partition.partition)] = now
+        if acknowledged:
+            commit_times = dict(self._handoff.commit_times)
+            commit_times.update(((p.topic, p.partition), now) for p in acknowledged)
+            self._handoff.commit_times = commit_times
         self._committer.confirm(acknowledged, self._owned())
 
     # --- rebalance callbacks (run inside consume()/close() on this thread) ---------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
         assigned = []
+        assigned_at = dict(self._handoff.assigned_at)
         for partition in partitions:
             tp = (partition.topic, partition.partition)
             self._generation[tp] = self._generation.get(tp, 0) + 1
             self._assigned.add(tp)
-            self.assigned_at[tp] = time.time()
+            assigned_at[tp] = time.time()
             assigned.append((tp, self._generation[tp]))
+        self._handoff.assigned_at = assigned_at
+        self._handoff.assigned = frozenset(self._assigned)
         # The loop learns of the assignment before any record of it: both go through the same FIFO.
-        self._loop.call_soon_threadsafe(self._listener.on_assigned, assigned)
+        self._handoff.to_loop(self._listener.on_assigned, assigned)
         self._currently_paused = self._currently_paused - {tp for tp, _ in assigned}
         log.info("intake.assigned", partitions=_names(partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[KafkaTopicPartition]) -> None:
         tps = [(p.topic, p.partition) for p in partitions]
         grace = 0.0 if self._closing else self._settings.delivery.revoke_grace_s
-        future = asyncio.run_coroutine_threadsafe(self._listener.release(tps, grace), self._loop)
         try:
-            positions = future.result(timeout=grace + 5.0)
+            positions = self._handoff.ask_loop(self._listener.release(tps, grace), timeout=grace + 5.0)
         except (FutureTimeout, RuntimeError, asyncio.CancelledError) as exc:
             log.error("intake.release_failed", partitions=_names(partitions), error=repr(exc))
             positions = {}
@@ -571,18 +562,21 @@ class Intake:
         self._forget(tps)
         self._committer.forget(tps)
         # Another member may own these already: nothing of them is committed from here.
-        self._loop.call_soon_threadsafe(self._listener.on_lost, tps)
+        self._handoff.to_loop(self._listener.on_lost, tps)
         log.warning("intake.lost", partitions=_names(partitions))
 
     def _forget(self, tps: list[TopicPartition]) -> None:
+        gone = set(tps)
         for tp in tps:
             self._assigned.discard(tp)
             self._decode_retry.pop(tp, None)
-            self.commit_times.pop(tp, None)
-            self.assigned_at.pop(tp, None)
-            self.lag.pop(tp, None)
             self._finished.discard(tp)
-        self._currently_paused = self._currently_paused - set(tps)
+        self._currently_paused = self._currently_paused - gone
+        handoff = self._handoff
+        handoff.assigned = frozenset(self._assigned)
+        handoff.commit_times = {tp: t for tp, t in handoff.commit_times.items() if tp not in gone}
+        handoff.assigned_at = {tp: t for tp, t in handoff.assigned_at.items() if tp not in gone}
+        handoff.lag = {tp: n for tp, n in handoff.lag.items() if tp not in gone}
 
 
 def _names(partitions: list[KafkaTopicPartition]) -> list[str]:

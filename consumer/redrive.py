@@ -25,15 +25,23 @@ re-driven again by the next run.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 import orjson
+import structlog
 
 from consumer.record import Record, TopicPartition
+
+if TYPE_CHECKING:
+    from consumer.decode import Decoder
+    from consumer.settle import Settler
+
+log = structlog.get_logger(__name__)
 
 PREFIX: Final = "rr.dlq."
 REDRIVE_COUNT: Final = PREFIX + "redrive.count"
@@ -285,3 +293,43 @@ def parse_time(text: str | None) -> datetime | None:
     except ValueError:
         return None
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+@dataclass
+class Redrive:
+    """What turns the relay into a re-drive of dead-letter topics (see the module docstring)."""
+
+    plan: RedrivePlan
+    #: Decoders of the original topics, by name: a dead-lettered value is decoded as its topic's were.
+    decoders: dict[str, Decoder]
+    #: Stop once every one of these partitions settled up to its offset (the end when the re-drive began).
+    stop_at: dict[TopicPartition, int]
+    on_progress: Callable[[int], None] | None = None
+
+    async def stop_when_caught_up(self, settler: Settler, stop: Callable[[], None]) -> None:
+        """A re-drive ends at the end offsets it started with: it never chases its own output."""
+        redrive, ledger = self, settler.ledger
+        while True:
+            # Suspects (401/403) wait for a call of their shop to succeed; with none to come, none will.
+            if (
+                settler.suspect_count
+                and ledger.in_flight <= settler.suspect_count
+                and ledger.tracked_up_to(redrive.stop_at)
+            ):
+                shops = ", ".join(map(repr, settler.suspect_shops))
+                settler.halt(f"shop {shops} still answers HTTP 401/403: fix its key, then re-drive again")
+                return
+            reached = ledger.reached
+            done = sum(min(reached.get(tp, 0), end) for tp, end in redrive.stop_at.items())
+            if redrive.on_progress is not None:
+                redrive.on_progress(done)
+            if all(reached.get(tp, 0) >= end for tp, end in redrive.stop_at.items()) and not ledger.in_flight:
+                log.info(
+                    "redrive.caught_up",
+                    redriven=redrive.plan.redriven,
+                    skipped_by_filter=redrive.plan.skipped_by_filter,
+                    skipped_by_guard=redrive.plan.skipped_by_guard,
+                )
+                stop()
+                return
+            await asyncio.sleep(0.2)

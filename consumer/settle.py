@@ -1,211 +1,360 @@
-"""Settle: the offset ledger that decides what may be committed.
+"""Settle: the one stage that decides each record's outcome, and so what may be committed.
 
-Records settle out of order (different visitors finish at different times). Per partition the ledger keeps
-the offsets still in flight, in consumption order; the committable position is always the first unsettled
-offset (or the last settled + 1 when nothing is in flight), so a commit never passes a record that is not
-yet delivered or safely dead-lettered.
+Every record leaves delivery (or the intake, when it has nothing to send) exactly once, and comes here:
 
-Each assignment of a partition gets a new *generation*. A settlement carrying an older generation — a
-completion that arrives after its partition was revoked, even if the partition came back since — is
-dropped, never committed.
+* **delivered**: every call it implied got a 2xx (or it implied none): settled at once.
+* **suspect**: every call that failed got 401/403, an answer that indicts the shop's credentials more than
+  the record. It is held, unsettled (so uncommitted), until a call of its shop succeeds — then the key
+  works, the record failed on its own and is **acquitted** into the dead-letter topic — or until the guard
+  trips on the shop's failures and halts the relay.
+* **dead-lettered**: a permanent failure (decode, translate, a 4xx of its own). Settled once the
+  dead-letter topic confirmed the write; a write that fails keeps the record unsettled, holds its partition
+  (paused) and is retried with backoff: a dead-letter topic that cannot be written is a fault of the setup,
+  never a reason to commit past the record.
+* **the guard** (``consumer.guard``): when too large a share of the recent records would be dead-lettered
+  or held as suspects, the relay halts instead — nothing from that record on is committed.
 
-Every count the ledger gives is read off its own state — the offsets each partition still holds — never
-kept as a running difference, so it cannot drift or go negative: settling a record twice, or releasing a
-partition whose later records settled first, changes nothing it reports.
+Settled records move their partition's committable position in the :class:`~consumer.ledger.OffsetLedger`;
+the intake thread only executes what it decides (commits the positions it publishes). A completion for a
+partition that was revoked since — under an older assignment generation — changes nothing.
 
-All methods run on the event loop thread; the intake thread reads :meth:`unsettled_by_partition` (a snapshot
-taken in one step under the GIL) and takes the positions to commit with :meth:`take_positions` (under a lock).
+Besides outcomes, the settler decides which partitions are *held* (paused by the intake): those that feed a
+shop whose circuit breaker is open, and those with a record the dead-letter topic refused. Their backlog
+stays in Kafka, not in memory.
+
+Everything here runs on the event loop; nothing blocks or awaits, so each rule can be exercised in-process,
+one call at a time (``tests/test_settler.py``).
 """
 
 from __future__ import annotations
 
-import threading
-from collections import deque
-from collections.abc import Callable, Mapping
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from typing import Protocol
 
+import structlog
+
+from consumer.breaker import CircuitBreaker
+from consumer.faults import FaultBoard
+from consumer.guard import SHOP_WIDE_STATUSES, DeadLetterGuard
+from consumer.handoff import Handoff
+from consumer.ledger import OffsetLedger
+from consumer.metrics import RelayMetrics
 from consumer.record import Record, TopicPartition
+from consumer.retry import Backoff
+
+log = structlog.get_logger(__name__)
+
+#: Runs a callback after a delay (the loop's ``call_later``; a test's own list of due calls).
+Schedule = Callable[[float, Callable[[], None]], object]
 
 
-class PartitionLedger:
-    """The in-flight offsets of one partition under one generation."""
+class DeadLetterSink(Protocol):
+    """Where dead letters are written; each write's fate comes back as :meth:`Settler.dead_letter_written`
+    or :meth:`Settler.dead_letter_failed` (``consumer.deadletter.DeadLetterWriter``)."""
 
-    __slots__ = ("done", "generation", "last_settled", "pending")
-
-    def __init__(self, generation: int) -> None:
-        self.generation = generation
-        self.pending: deque[int] = deque()
-        self.done: set[int] = set()
-        self.last_settled: int | None = None
-
-    def track(self, offset: int) -> None:
-        self.pending.append(offset)
-
-    def settle(self, offset: int) -> int | None:
-        """Mark ``offset`` settled; return the new committable position if it moved.
-
-        An offset settled before (behind the first unsettled one, or among the done) changes nothing.
-        """
-        pending = self.pending
-        if not pending or offset < pending[0]:
-            return None  # settled already: the position passed it
-        if offset != pending[0]:
-            self.done.add(offset)
-            return None
-        pending.popleft()
-        self.last_settled = offset
-        done = self.done
-        while pending and pending[0] in done:
-            self.last_settled = pending.popleft()
-            done.discard(self.last_settled)
-        return self.position()
-
-    def position(self) -> int | None:
-        """The offset to commit: the first unsettled one, or last settled + 1; None before any record."""
-        if self.pending:
-            return self.pending[0]
-        return None if self.last_settled is None else self.last_settled + 1
-
-    def __len__(self) -> int:
-        """Records still unsettled: the tracked ones less those settled out of order (in ``done``)."""
-        return len(self.pending) - len(self.done)
+    def send(self, record: Record) -> None: ...
 
 
-class OffsetLedger:
-    """All partitions this process owns, and the positions waiting to be stored for commit."""
+class Settler:
+    """Owns the ledger and every outcome rule; see the module docstring."""
 
-    def __init__(self, on_settled: Callable[[Record], None] | None = None) -> None:
-        #: Called with each record once it settled (a re-drive records the outcome of each).
-        self._on_settled = on_settled
-        self._partitions: dict[TopicPartition, PartitionLedger] = {}
-        self._positions: dict[TopicPartition, tuple[int, int]] = {}
-        self._lock = threading.Lock()
-        #: How many partitions were released (revoked or lost) so far: while it stays the same, every record
-        #: found owned stays owned, so a batch of them need not be checked one by one again.
-        self.releases = 0
-        #: The latest committable position each partition reached (kept across revokes, for progress).
-        self.reached: dict[TopicPartition, int] = {}
-        #: Records given up unsettled when their partitions were released (revoked or lost), since start.
-        self.released_unsettled = 0
+    def __init__(
+        self,
+        ledger: OffsetLedger,
+        guard: DeadLetterGuard,
+        *,
+        breakers: Mapping[str, CircuitBreaker],
+        dead_letter_topics: Mapping[str, str],
+        backoff: Backoff,
+        schedule: Schedule,
+        handoff: Handoff,
+        halt: Callable[[], None],
+        metrics: RelayMetrics | None = None,
+        faults: FaultBoard | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``handoff``: where the intake thread reads what to hold and how much each partition has in flight
+        (the settler writes ``held`` and ``unsettled``); ``halt`` is called once, when the guard trips (the
+        relay stops without committing past the halt)."""
+        self.ledger = ledger
+        self.guard = guard
+        self._breakers = breakers
+        self._dlq_topics = dead_letter_topics
+        self._backoff = backoff
+        self._schedule = schedule
+        self._handoff = handoff
+        self._halt = halt
+        self._metrics = metrics or RelayMetrics()
+        self._faults = faults or FaultBoard()
+        self._clock = clock
+        self._dead_letters: DeadLetterSink | None = None
+        # shop -> records held because every failed call of theirs got 401/403
+        self._suspects: dict[str, list[Record]] = {}
+        # shop -> partitions its records came from: what to hold while the shop's breaker is open
+        self._feeds: dict[str, set[TopicPartition]] = {}
+        # partitions with a record the dead-letter topic refused: held until a write of theirs succeeds
+        self._dlq_blocked: set[TopicPartition] = set()
+        self.halt_reason: str | None = None
+        self.delivered = 0
+        self.dead_lettered = 0
+
+    def bind_dead_letters(self, sink: DeadLetterSink) -> None:
+        """The dead-letter writer, made after the settler because it reports back to it."""
+        self._dead_letters = sink
+
+    # --- reads ----------------------------------------------------------------------------------------
 
     @property
-    def in_flight(self) -> int:
-        """Records consumed and not yet settled, over every partition owned now."""
-        return sum(len(ledger) for ledger in list(self._partitions.values()))
+    def suspect_count(self) -> int:
+        return sum(len(records) for records in self._suspects.values())
 
-    def unsettled_by_partition(self) -> dict[TopicPartition, int]:
-        """Unsettled records per owned partition (safe to call from the intake thread)."""
-        return {tp: len(ledger) for tp, ledger in list(self._partitions.items())}
+    @property
+    def suspect_shops(self) -> list[str]:
+        return sorted(self._suspects)
 
-    # --- assignment (driven by the intake thread's rebalance callbacks, run here on the loop) -------
+    @property
+    def held(self) -> frozenset[TopicPartition]:
+        """The partitions to keep paused now (see the module docstring)."""
+        held: set[TopicPartition] = set(self._dlq_blocked)
+        for shop, breaker in self._breakers.items():
+            if breaker.state == "open":
+                held |= self._feeds.get(shop, set())
+        return frozenset(held)
 
-    def assign(self, tp: TopicPartition, generation: int) -> None:
-        if tp in self._partitions:
-            self.release(tp)  # a new generation without a revoke first: the old one's records are not ours
-        self._partitions[tp] = PartitionLedger(generation)
+    # --- assignment -----------------------------------------------------------------------------------
 
-    def release(self, tp: TopicPartition) -> int | None:
-        """Forget a revoked or lost partition; return its committable position (None: nothing settled)."""
-        ledger = self._partitions.pop(tp, None)
-        if ledger is None:
-            return None
-        self.releases += 1
-        self.released_unsettled += len(ledger)
-        with self._lock:
-            self._positions.pop(tp, None)
-        return ledger.position()
+    def assign(self, partitions: Iterable[tuple[TopicPartition, int]]) -> None:
+        for tp, generation in partitions:
+            self.ledger.assign(tp, generation)
 
-    def owns(self, record: Record) -> bool:
-        ledger = self._partitions.get(record.tp)
-        return ledger is not None and ledger.generation == record.generation
+    def release(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int | None]:
+        """Partitions revoked or lost: forget them and what was held of them; return their positions.
 
-    def in_flight_for(self, tp: TopicPartition) -> int:
-        """Unsettled records of one partition."""
-        ledger = self._partitions.get(tp)
-        return 0 if ledger is None else len(ledger)
+        Their suspects are dropped unsettled (the next owner reads them again), and a partition held for
+        its dead-letter topic is no longer held here: its next owner meets the fault afresh.
+        """
+        partitions = list(partitions)
+        positions = {tp: self.ledger.release(tp) for tp in partitions}
+        for tp in partitions:
+            self._drop_suspects(tp)
+        if self._dlq_blocked.intersection(partitions):
+            self._dlq_blocked.difference_update(partitions)
+            self._publish_held()
+        self._publish_unsettled()
+        return positions
 
-    def assigned(self) -> list[TopicPartition]:
-        return list(self._partitions)
+    # --- records in -------------------------------------------------------------------------------------
 
-    def tracked_up_to(self, ends: Mapping[TopicPartition, int]) -> bool:
-        """Whether every record of each partition before its end in ``ends`` was tracked (none to come)."""
-        for tp, end in ends.items():
-            ledger = self._partitions.get(tp)
-            if ledger is None:
-                return False
-            if ledger.pending:
-                last = ledger.pending[-1]  # settled records stay in pending until those before them settle
-            elif ledger.last_settled is not None:
-                last = ledger.last_settled
-            else:
-                return False
-            if last + 1 < end:
-                return False
-        return True
+    def admit(self, records: list[Record]) -> list[Record]:
+        """Track freshly consumed records; return those to deliver (still owned, and the relay not halted).
 
-    # --- the flow ---------------------------------------------------------------------------------------
-
-    def track(self, records: list[Record]) -> list[Record]:
-        """Start tracking freshly consumed records; return those whose partition is still ours."""
-        kept = []
-        partitions = self._partitions
-        for record in records:
-            ledger = partitions.get(record.tp)
-            if ledger is None or ledger.generation != record.generation:
-                continue  # read before a revoke that has since happened: the next owner reads it again
-            ledger.track(record.offset)
-            kept.append(record)
+        After a halt nothing new is taken, so nothing past the halt is ever committed.
+        """
+        if self.halt_reason is not None:
+            return []
+        kept = self.ledger.track(records)
+        feeds = self._feeds
+        for tp, shop in {(record.tp, record.shop) for record in kept}:
+            if shop is not None:
+                feeds.setdefault(shop, set()).add(tp)
+        self._publish_unsettled()
         return kept
 
-    def settle(self, record: Record) -> bool:
-        """Mark a record settled. False when its partition is no longer ours (the completion is dropped) or
-        when it was settled before."""
-        ledger = self._partitions.get(record.tp)
-        if ledger is None or ledger.generation != record.generation:
-            return False
-        before = len(ledger)
-        position = ledger.settle(record.offset)
-        if len(ledger) == before:
-            return False
-        if self._on_settled is not None:
-            self._on_settled(record)
-        if position is not None:
-            self.reached[record.tp] = position
-            with self._lock:
-                self._positions[record.tp] = (ledger.generation, position)
-        return True
+    # --- outcomes -------------------------------------------------------------------------------------
 
-    def settle_many(self, records: list[Record]) -> int:
-        """Mark delivered records settled (a batch's worth); return how many were still ours and unsettled."""
-        partitions = self._partitions
-        settled = 0
-        on_settled = self._on_settled
-        moved: dict[TopicPartition, tuple[int, int]] = {}
-        tp: TopicPartition | None = None
-        ledger: PartitionLedger | None = None
+    def done(self, record: Record) -> None:
+        """Delivery is finished with a record: settle it, dead-letter it, or hold it as a suspect."""
+        if record.failure is None and not record.failed_calls:
+            if self.ledger.settle(record):
+                self.delivered += 1
+                self.guard.note(False)
+                self._count_settled(record, "delivered" if record.calls else "skipped")
+                self._publish_unsettled()
+            if self._suspects and record.calls and record.shop in self._suspects:
+                self._acquit(record.shop)
+            return
+        if (
+            record.failure is None
+            and record.shop is not None
+            and all(failure.status in SHOP_WIDE_STATUSES for failure in record.failed_calls)
+        ):
+            self._hold_suspect(record.shop, record)
+            return
+        self._dead_letter(record)
+
+    def done_many(self, records: list[Record]) -> None:
+        """A batch got its answer: settle its delivered records together, the others one by one."""
+        delivered = []
         for record in records:
-            if record.tp != tp:  # a batch holds runs of one partition: look each run's ledger up once
-                tp = record.tp
-                ledger = partitions.get(tp)
-            if ledger is None or ledger.generation != record.generation:
-                continue
-            before = len(ledger)
-            position = ledger.settle(record.offset)
-            if len(ledger) == before:
-                continue  # settled before (a duplicate completion): counted once
-            settled += 1
-            if on_settled is not None:
-                on_settled(record)
-            if position is not None:
-                moved[tp] = (ledger.generation, position)
-        if moved:
-            for tp, (_, position) in moved.items():
-                self.reached[tp] = position
-            with self._lock:
-                self._positions.update(moved)
-        return settled
+            if record.failure is None and not record.failed_calls:
+                delivered.append(record)
+            else:
+                self.done(record)
+        if not delivered:
+            return
+        settled = self.ledger.settle_many(delivered)
+        self._publish_unsettled()
+        self.delivered += settled
+        self.guard.note_delivered(settled)
+        metrics = self._metrics
+        first = delivered[0]
+        if all(r.tp[0] == first.tp[0] for r in delivered):
+            metrics.settled[(first.tp[0], "delivered")] += settled
+        else:
+            for record in delivered:
+                metrics.settled[(record.tp[0], "delivered")] += 1
+        shop = first.shop
+        for method, count in Counter([call.method for r in delivered for call in r.calls]).items():
+            metrics.calls[(shop or "", method, "delivered")] += count
+        if self._suspects and shop in self._suspects:
+            self._acquit(shop)
 
-    def take_positions(self) -> dict[TopicPartition, tuple[int, int]]:
-        """Positions settled since the last call, as ``{tp: (generation, offset)}`` (intake thread)."""
-        with self._lock:
-            positions, self._positions = self._positions, {}
-        return positions
+    def halt(self, reason: str) -> None:
+        """Stop taking records and stop the relay; the first reason is the one reported."""
+        if self.halt_reason is None:
+            self.halt_reason = reason
+            log.error("relay.dead_letter_guard_tripped", reason=reason)
+            self._halt()
+
+    # --- dead letters -----------------------------------------------------------------------------------
+
+    def _dead_letter(self, record: Record, *, counted: bool = False) -> None:
+        if not self.ledger.owns(record) or self.halt_reason is not None:
+            return
+        if not counted:
+            if self.guard.would_trip():
+                self.halt(
+                    f"{self.guard.ratio:.0%} of the most recent records were dead-lettered "
+                    f"(last: {describe_failure(record)})"
+                )
+                return
+            self.guard.note(True)
+        assert self._dead_letters is not None, "bind_dead_letters() before the first record"
+        self._dead_letters.send(record)
+
+    def dead_letter_written(self, record: Record) -> None:
+        """The dead-letter topic confirmed the record: it settles (and its partition is free again)."""
+        if record.tp in self._dlq_blocked:
+            self._dlq_blocked.discard(record.tp)
+            self._publish_held()
+            self._faults.clear(
+                f"dlq:{self._dlq_topics[record.tp[0]]}",
+                event="relay.dead_letter_writable",
+                topic=record.tp[0],
+            )
+        if self.ledger.settle(record):
+            self._publish_unsettled()
+            self.dead_lettered += 1
+            self._count_settled(record, "dead_lettered")
+            stage, reason = failure_class(record)
+            self._metrics.dead_lettered[(record.tp[0], stage, reason)] += 1
+            log.info(
+                "relay.dead_lettered",
+                topic=record.tp[0],
+                partition=record.tp[1],
+                offset=record.offset,
+                shop=record.shop,
+                method=record.failed_calls[0].method if record.failed_calls else None,
+                reason=describe_failure(record),
+            )
+
+    def dead_letter_failed(self, record: Record, reason: str) -> None:
+        """The dead-letter topic refused the record: keep it unsettled, hold its partition, try again later.
+
+        A dead-letter topic that cannot be written is a fault of the setup, not of the record: nothing
+        behind the record is committed, readiness turns red, and the relay recovers by itself once a write
+        goes through (the topic created, the ACL granted).
+        """
+        record.note_failure(self._clock())
+        delay = self._backoff.delay(record.attempts)
+        dlq = self._dlq_topics[record.tp[0]]
+        if self.ledger.owns(record) and record.tp not in self._dlq_blocked:
+            self._dlq_blocked.add(record.tp)
+            self._publish_held()
+        self._faults.raise_fault(
+            f"dlq:{dlq}",
+            f"dead-letter topic {dlq!r} cannot be written (topics.dead_letter_topic of {record.tp[0]!r}); "
+            f"partitions held: {self._blocked_names(dlq)}: {reason}",
+            event="relay.dead_letter_write_failed",
+            topic=record.tp[0],
+            partition=record.tp[1],
+            offset=record.offset,
+        )
+        log.debug(
+            "relay.dead_letter_retry", topic=record.tp[0], offset=record.offset, retry_in=round(delay, 2)
+        )
+        self._schedule(delay, lambda: self._dead_letter(record, counted=True))
+
+    def _blocked_names(self, dlq: str) -> str:
+        return ", ".join(f"{t}[{p}]" for t, p in sorted(self._dlq_blocked) if self._dlq_topics[t] == dlq)
+
+    # --- suspects: records that failed for a reason that indicts the shop --------------------------
+
+    def _hold_suspect(self, shop: str, record: Record) -> None:
+        if self.guard.would_trip():
+            status = record.failed_calls[0].status
+            self.halt(
+                f"shop {shop!r} answers HTTP {status} to every call: its apiKey/partnerId is wrong, "
+                "revoked or disabled; nothing from the first failing record on was committed"
+            )
+            return
+        self.guard.note(True)
+        self._suspects.setdefault(shop, []).append(record)
+
+    def _acquit(self, shop: str) -> None:
+        """A call of the shop succeeded: its credentials work, so its suspects failed on their own."""
+        for record in self._suspects.pop(shop, []):
+            self._dead_letter(record, counted=True)
+
+    def _drop_suspects(self, tp: TopicPartition) -> None:
+        for shop, records in list(self._suspects.items()):
+            kept = [r for r in records if r.tp != tp]
+            if kept:
+                self._suspects[shop] = kept
+            else:
+                del self._suspects[shop]
+
+    # --- held partitions and metrics ------------------------------------------------------------------
+
+    def breaker_changed(self, shop: str, state: str) -> None:
+        """A shop's circuit breaker opened or closed: the partitions that feed it are held or let go."""
+        self._publish_held()
+
+    def _publish_held(self) -> None:
+        self._handoff.held = self.held
+
+    def _publish_unsettled(self) -> None:
+        """The intake's backpressure reads these counts: a new snapshot whenever records came or went."""
+        self._handoff.unsettled = self.ledger.unsettled_by_partition()
+
+    def _count_settled(self, record: Record, outcome: str) -> None:
+        metrics = self._metrics
+        metrics.settled[(record.tp[0], outcome)] += 1
+        shop = record.shop
+        if not record.calls or shop is None:
+            return
+        calls = metrics.calls
+        if not record.failed_calls:  # nearly every record (all of single mode's): no set, no index look-up
+            for call in record.calls:
+                calls[(shop, call.method, "delivered")] += 1
+            return
+        failed = {failure.index for failure in record.failed_calls}
+        for index, call in enumerate(record.calls):
+            calls[(shop, call.method, "permanent" if index in failed else "delivered")] += 1
+
+
+def failure_class(record: Record) -> tuple[str, str]:
+    """(stage, reason) for the dead-letter metric: few distinct values, never a record's own data."""
+    if record.failure is not None:
+        return record.failure.stage, type(record.failure).__name__
+    failure = record.failed_calls[0]
+    return failure.stage, "contract" if failure.status is None else f"http_{failure.status}"
+
+
+def describe_failure(record: Record) -> str:
+    if record.failure is not None:
+        return f"{record.failure.stage}: {record.failure.reason}"
+    failure = record.failed_calls[0]
+    return f"deliver: {failure.method} {failure.reason}"

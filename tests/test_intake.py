@@ -18,8 +18,8 @@ from consumer.config import Settings, ShopConfig
 from consumer.decode import DomainEvent
 from consumer.errors import DecodeError, TranslateError
 from consumer.faults import REMIND_EVERY_S, FaultBoard
+from consumer.handoff import Handoff
 from consumer.intake import Intake, _brokers_answering
-from consumer.settle import OffsetLedger
 from consumer.translate import Translator
 
 pytestmark = pytest.mark.unit
@@ -90,9 +90,8 @@ def intake(loop: asyncio.AbstractEventLoop, translator: Translator | None = None
         settings,
         {"events": Decoder()},  # type: ignore[dict-item]
         translator or Translator(shops),
-        OffsetLedger(),
+        Handoff(loop),
         listener=None,  # type: ignore[arg-type]  # _prepare never calls it
-        loop=loop,
     )
 
 

@@ -338,7 +338,7 @@ def test_a_failed_run_never_prints_a_success_line() -> None:
 
 
 def test_the_ledger_says_when_every_record_up_to_the_end_was_tracked() -> None:
-    from consumer.settle import OffsetLedger
+    from consumer.ledger import OffsetLedger
 
     settled: list[int] = []
     ledger = OffsetLedger(on_settled=lambda r: settled.append(r.offset))

@@ -3,7 +3,7 @@
     python -m tools.bench.ceiling --config relay.toml --warmup 30000 --count 300000 [--stage intake]
 
 It uses the relay's own consumer settings (``consumer.intake.consumer_config``: the same ``consume()`` batch,
-the same prefetch bounds) and the relay's own decoders (``consumer.service.build_decoders``), so the relay's
+the same prefetch bounds) and the relay's own decoders (``consumer.decode.build_decoders``), so the relay's
 batch-mode rate divided by this one is the share of the ceiling the rest of the pipeline leaves.
 
 ``--stage intake`` runs the relay's whole intake stage instead — decode, translate, encode and the
@@ -23,8 +23,8 @@ from typing import Any
 
 from confluent_kafka import Consumer, Message
 
+from consumer.handoff import Handoff
 from consumer.intake import Intake, consumer_config
-from consumer.settle import OffsetLedger
 from tools.bench.child import Setup, parser, report
 
 
@@ -83,9 +83,8 @@ def _intake_stage(setup: Setup, consumer: Consumer) -> Callable[[list[Message]],
         setup.config.settings,
         {setup.topic: setup.decoder},
         setup.translator,
-        OffsetLedger(),
+        Handoff(loop),
         listener,
-        loop,
     )
 
     def work(messages: list[Message]) -> None:

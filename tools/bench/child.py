@@ -17,7 +17,7 @@ from yarl import URL
 
 from consumer.config import RelayConfig, load
 from consumer.contract import BATCH_METHOD, SINGLE_METHODS
-from consumer.service import build_decoders
+from consumer.decode import build_decoders
 from consumer.translate import Translator
 
 RESULT_PREFIX: Final = "BENCH-RESULT "

@@ -7,8 +7,8 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
+from consumer.ledger import OffsetLedger, PartitionLedger
 from consumer.record import Record
-from consumer.settle import OffsetLedger, PartitionLedger
 
 TP = ("events", 0)
 
@@ -64,7 +64,7 @@ def test_a_completion_for_a_revoked_partition_is_dropped_even_if_it_came_back() 
     assert ledger.release(TP) == 5, "revoked with 5 unsettled: commit 5"
     ledger.assign(TP, generation=2)  # the partition comes back to this process
     assert ledger.settle(early) is False, "the old generation's completion is not ours to commit"
-    assert ledger.take_positions() == {}
+    assert ledger.positions.take() == {}
     assert ledger.in_flight == 0
 
 
@@ -95,10 +95,10 @@ def test_settled_positions_are_handed_to_the_intake_once_with_their_generation()
     ledger.track([first, second])
     assert ledger.in_flight == 2
     assert ledger.settle(second)
-    assert ledger.take_positions() == {}
+    assert ledger.positions.take() == {}
     assert ledger.settle(first)
-    assert ledger.take_positions() == {TP: (3, 2)}
-    assert ledger.take_positions() == {}, "taken once"
+    assert ledger.positions.take() == {TP: (3, 2)}
+    assert ledger.positions.take() == {}, "taken once"
     assert ledger.in_flight == 0
 
 
@@ -117,7 +117,7 @@ def test_settling_a_batch_at_once_moves_the_position_as_settling_one_by_one(
         for item in chunk:
             one.settle(item)
         assert many.settle_many(chunk) == len(chunk)
-        assert many.take_positions() == one.take_positions()
+        assert many.positions.take() == one.positions.take()
         assert many.in_flight == one.in_flight
     assert many.reached == one.reached == {TP: 30}
 
@@ -147,4 +147,4 @@ def test_a_record_settled_twice_is_counted_once() -> None:
     assert not ledger.settle(first), "behind the position, twice"
     assert ledger.settle_many([first, second, third]) == 1, "only the third was still unsettled"
     assert ledger.in_flight == 0
-    assert ledger.take_positions() == {TP: (1, 3)}
+    assert ledger.positions.take() == {TP: (1, 3)}
