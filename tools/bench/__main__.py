@@ -1,6 +1,6 @@
 """``python -m tools.bench``: run every figure and write ``BENCHMARKS.md`` (see the package docstring).
 
-python -m tools.bench                        # the full benchmark, about 12 minutes
+python -m tools.bench                        # the full benchmark, about 15 minutes
 python -m tools.bench --quick --output x.md  # the smoke version: tiny workload, one repeat, no profile
 python -m tools.bench --only batch,cpu --repeats 5 --set 'kafka.consume_batch=1000'
 """

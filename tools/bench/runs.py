@@ -48,7 +48,7 @@ class Sizes:
     run_deadline_s: float
 
 
-#: About 12 minutes on a 2-core machine, backlog production and profiles included.
+#: About 15 minutes on a 2-core machine, backlog production and profiles included.
 FULL: Final = Sizes(
     records=1_000_000,
     repeats=3,
