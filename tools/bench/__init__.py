@@ -12,7 +12,7 @@ Modules, in the order a run uses them:
 
 ============================  ========================================================================
 ``stack``                     the broker, the registry double, emulator processes, topics, the machine
-``workload``                  the backlog: seeded realistic traffic, Confluent Avro, 6 partitions
+``workload``                  the backlog (seeded traffic, Confluent Avro, 6 partitions); a steady stream
 ``measure``                   windows of steady-state throughput and CPU, medians and spreads
 ``contenders``                each contender as a child process, and the relay's configuration
 ``ceiling``, ``bare_client``  the child programs of the references

@@ -1,6 +1,6 @@
 """``python -m tools.bench``: run every figure and write ``BENCHMARKS.md`` (see the package docstring).
 
-python -m tools.bench                        # the full benchmark, about 12 minutes
+python -m tools.bench                        # the full benchmark, about 15 minutes
 python -m tools.bench --quick --output x.md  # the smoke version: tiny workload, one repeat, no profile
 python -m tools.bench --only batch,cpu --repeats 5 --set 'kafka.consume_batch=1000'
 """
@@ -146,7 +146,9 @@ def run(args: argparse.Namespace) -> int:
                 workload = produce_backlog(bootstrap, topic, registry.url, sizes.records, SHOPS)
                 say(f"produced in {workload.produce_s:.1f}s: {workload.describe()}")
                 with Emulator(SHOPS, run_dir / "emulator.log") as emulator:
-                    bench = Bench(bootstrap, workload, emulator, run_dir, sizes, args.overrides)
+                    bench = Bench(
+                        bootstrap, workload, emulator, run_dir, sizes, args.overrides, topics=topics
+                    )
                     figures = _figures(bench, _selected(args))
                     profiles = _profiles(bench) if sizes.profile_seconds and not args.quick else []
             text = render_report(

@@ -79,7 +79,7 @@ def render_report(
         "## How to run",
         "",
         "```sh",
-        "make bench                          # python -m tools.bench: every figure, about 12 minutes",
+        "make bench                          # python -m tools.bench: every figure, about 15 minutes",
         "python -m tools.bench --quick       # the smoke version (tiny workload, one repeat)",
         "python -m tools.bench --only batch,cpu --repeats 5 --output /tmp/b.md",
         "python -m tools.bench --set 'delivery.batch_max_events=1000'   # any relay setting, every run",

@@ -16,7 +16,7 @@ from typing import Any, Final
 from tools.bench.child import read_result
 from tools.bench.contenders import Child, start_program, start_relay, write_relay_config
 from tools.bench.measure import POLL_S, Window, measure_window
-from tools.bench.stack import BenchError, Emulator
+from tools.bench.stack import BenchError, Emulator, Topics
 from tools.bench.workload import Workload
 
 
@@ -31,6 +31,13 @@ class Sizes:
     latency: tuple[int, int]
     rate_warmup: int
     rate_seconds: float
+    #: A backlog drained under the rate limit (batch mode): events at the emulator, as ``batch``.
+    backlog_rate: tuple[int, int]
+    #: End-to-end latency at a steady rate: seconds of flow before the window, and the window's length.
+    e2e_warmup_s: float
+    e2e_window_s: float
+    #: The longest the warm-up waits for the relay to catch up with the stream before the window starts.
+    e2e_catch_up_s: float
     naive: tuple[int, int]
     arroyo: tuple[int, int]
     arroyo_batch: tuple[int, int]
@@ -41,7 +48,7 @@ class Sizes:
     run_deadline_s: float
 
 
-#: About 12 minutes on a 2-core machine, backlog production and profiles included.
+#: About 15 minutes on a 2-core machine, backlog production and profiles included.
 FULL: Final = Sizes(
     records=1_000_000,
     repeats=3,
@@ -50,6 +57,10 @@ FULL: Final = Sizes(
     latency=(1_000, 12_000),
     rate_warmup=150,
     rate_seconds=10.0,
+    backlog_rate=(50_000, 500_000),
+    e2e_warmup_s=3.0,
+    e2e_window_s=20.0,
+    e2e_catch_up_s=30.0,
     naive=(100, 1_000),
     arroyo=(1_000, 8_000),
     arroyo_batch=(30_000, 200_000),
@@ -66,6 +77,10 @@ QUICK: Final = Sizes(
     latency=(50, 300),
     rate_warmup=20,
     rate_seconds=1.0,
+    backlog_rate=(500, 2_000),
+    e2e_warmup_s=1.0,
+    e2e_window_s=2.0,
+    e2e_catch_up_s=5.0,
     naive=(10, 40),
     arroyo=(100, 400),
     arroyo_batch=(300, 1_500),
@@ -99,6 +114,8 @@ class Bench:
     sizes: Sizes
     #: ``{section: {key: value}}`` applied to every relay configuration (``--set``).
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: Where a figure creates a topic of its own (deleted with the backlog's at the end of the run).
+    topics: Topics | None = None
     results: dict[str, list[Measured]] = field(default_factory=dict)
     _serial: itertools.count[int] = field(default_factory=itertools.count)
 
@@ -112,18 +129,27 @@ class Bench:
         mode: str,
         emulator: Emulator | None = None,
         rate_limit: float | None = None,
+        workload: Workload | None = None,
+        settings: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> tuple[Path, Path]:
-        """A fresh configuration (new group) and a fresh log path for one run."""
+        """A fresh configuration (new group) and a fresh log path for one run.
+
+        ``settings`` are the figure's own (``{section: {key: value}}``): they define the figure, so they win
+        over ``--set`` where both name a key.
+        """
         name = self.name(purpose)
+        overrides: dict[str, dict[str, Any]] = {k: dict(v) for k, v in self.overrides.items()}
+        for section, values in (settings or {}).items():
+            overrides.setdefault(section, {}).update(values)
         config = write_relay_config(
             self.run_dir / f"{name}.toml",
             bootstrap=self.bootstrap,
-            workload=self.workload,
+            workload=workload or self.workload,
             group=f"bench-{name}-{time.time_ns() % 10**9}",
             emulator_url=(emulator or self.emulator).url,
             mode=mode,
             rate_limit=rate_limit,
-            overrides=self.overrides,
+            overrides=overrides,
         )
         return config, self.run_dir / f"{name}.log"
 

@@ -72,19 +72,29 @@ SHOPS: Final = (
 
 
 class Emulator:
-    """``rr-consumer emulator`` as a child process on a free loopback port, counting only."""
+    """``rr-consumer emulator`` as a child process on a free loopback port, counting only unless told to keep
+    events (``max_events``)."""
 
-    def __init__(self, shops: Sequence[Shop], log_path: Path, *, rate_limit: float | None = None) -> None:
+    def __init__(
+        self,
+        shops: Sequence[Shop],
+        log_path: Path,
+        *,
+        rate_limit: float | None = None,
+        max_events: int = 0,
+    ) -> None:
+        """``max_events``: how many accepted events it keeps, bodies and acceptance times (0: only counts)."""
         self.shops = tuple(shops)
         self.log_path = log_path
         self.rate_limit = rate_limit
+        self.max_events = max_events
         self.process: subprocess.Popen[str] | None = None
         self.url = ""
         self._admin: http.client.HTTPConnection | None = None
 
     def start(self) -> Emulator:
         command = [sys.executable, "-m", "consumer", "emulator", "--host", HOST, "--port", "0"]
-        command += ["--max-events", "0"]
+        command += ["--max-events", str(self.max_events)]
         for shop in self.shops:
             command += ["--shop", f"{shop.partner_id}:{shop.api_key}"]
         if self.rate_limit is not None:
@@ -151,6 +161,12 @@ class Emulator:
     def set_faults(self, **faults: Any) -> None:
         """Replace the faults (none given: every fault off)."""
         self.admin("faults", "PUT", faults)
+
+    def events(self, since: int) -> tuple[list[dict[str, Any]], int]:
+        """The kept events from sequence number ``since`` on (with ``body`` and ``received_at``, the epoch
+        seconds it accepted them at), and the ``since`` of the next poll."""
+        answer = self.admin(f"events?since={since}")
+        return list(answer["events"]), int(answer["next"])
 
     def requests(self) -> list[dict[str, Any]]:
         """The latest requests (up to 100,000) with their arrival time, shop and status."""

@@ -13,6 +13,7 @@ into records with that ratio.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from typing import Any, Final
 from confluent_kafka import KafkaError, Message, Producer
 from pydantic import SecretStr
 
+from consumer import events
 from consumer.clients import close_producer
 from consumer.config import ShopConfig
 from consumer.decode import DomainEvent, registry_client
@@ -152,3 +154,82 @@ def _produce(
             if time.monotonic() > deadline:
                 raise BenchError(f"the producer's queue for {topic} did not drain") from None
             producer.poll(0.1)  # the local queue is full: let it drain
+
+
+# --- a live stream at a steady rate (the end-to-end latency figure) ----------------------------------
+
+#: How often the steady producer wakes to produce what is due: at 2,000 events/s, about 4 at a time.
+PACE_TICK_S: Final = 0.002
+
+
+class SteadyProducer:
+    """Produces the workload's kind of traffic to ``topic`` at ``rate`` records/s, on a thread of its own.
+
+    Each record is stamped at produce time: its ``occurredAt`` (which the relay turns into the tracking
+    call's ``timestamp``) and its Kafka timestamp are the same wall-clock millisecond, read as the record is
+    made. The producer lingers 1 ms, so what a record's latency holds beyond the relay is about one
+    broker round trip. ``produced`` keeps (timestamp ms, tracking calls) of every record, so a reader can
+    tell how many calls a span of timestamps must bring.
+    """
+
+    def __init__(
+        self, bootstrap: str, topic: str, registry_url: str, shops: Sequence[Shop], rate: float
+    ) -> None:
+        self.topic = topic
+        self.rate = rate
+        self.produced: list[tuple[int, int]] = []
+        self.failures: list[str] = []
+        self._registry = registry_client(registry_url)
+        self._encoder = build_encoder("confluent-avro", registry=self._registry)
+        self._generator = TrafficGenerator(
+            seed=SEED + 1,
+            shops=[shop.key for shop in shops],
+            visitors=VISITORS,
+            now_ms=lambda: time.time_ns() // 1_000_000,
+        )
+        self._translator = Translator(
+            {s.key: ShopConfig(partner_id=s.partner_id, api_key=SecretStr("-")) for s in shops}
+        )
+        self._producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 1, "acks": "all"})
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-steady-producer", daemon=True)
+
+    def __enter__(self) -> SteadyProducer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(PRODUCE_DEADLINE_S)
+        close_producer(self._producer, 0)
+        self._registry.close()
+
+    def calls_between(self, first_ms: int, end_ms: int) -> int:
+        """Tracking calls of the records stamped in ``[first_ms, end_ms)``."""
+        return sum(calls for at, calls in list(self.produced) if first_ms <= at < end_ms)
+
+    def _report(self, error: KafkaError | None, _message: Message) -> None:
+        if error is not None:
+            self.failures.append(error.str())
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        sent = 0
+        while not self._stop.is_set():
+            # What is due by now, not a fixed count per tick: a late wake-up catches up instead of drifting.
+            due = int((time.monotonic() - started) * self.rate) - sent
+            for type_name, fields in self._generator.events(max(due, 0)):
+                stamp = fields[events.OCCURRED_AT]
+                value = self._encoder.encode(type_name, fields)
+                calls = len(self._translator.translate(DomainEvent(type_name, fields)))
+                self._producer.produce(
+                    self.topic,
+                    key=fields[events.SESSION_ID].encode(),
+                    value=value,
+                    timestamp=stamp,
+                    on_delivery=self._report,
+                )
+                self.produced.append((stamp, calls))
+            sent += max(due, 0)
+            self._producer.poll(0)
+            self._stop.wait(PACE_TICK_S)
