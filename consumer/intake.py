@@ -207,13 +207,31 @@ class Intake:
         self._handoff.last_poll = time.monotonic()
         self._commit_positions(consumer)
         self._apply_pause(consumer)
-        messages = consumer.consume(num_messages=self._settings.kafka.consume_batch, timeout=POLL_TIMEOUT_S)
+        messages = self._fetch(consumer)
         if self._lag_refresh_due:
             self._refresh_paused_lag(consumer)
         if messages:
             records = self._prepare(consumer, messages)
             if records:
                 self._handoff.to_loop(self._listener.on_records, records)
+
+    def _fetch(self, consumer: Consumer) -> list[Message]:
+        """What the consumer holds now, up to a batch; when it holds nothing, the first record to come (within
+        ``POLL_TIMEOUT_S``) and whatever came with it.
+
+        ``consume(n, timeout)`` returns only once it has ``n`` records or the timeout has passed, so under a
+        trickle each call waited out its whole timeout and added up to 100 ms to every record's latency (the
+        end-to-end latency figure in BENCHMARKS.md). Asking without waiting first keeps full batches under a
+        backlog (the prefetch queue holds more than a batch) and takes a lone record the moment it arrives.
+        """
+        batch = self._settings.kafka.consume_batch
+        messages = consumer.consume(num_messages=batch, timeout=0)
+        if messages:
+            return messages
+        first = consumer.consume(num_messages=1, timeout=POLL_TIMEOUT_S)
+        if not first or batch == 1:
+            return first
+        return first + consumer.consume(num_messages=batch - 1, timeout=0)
 
     def _commit_before_close(self, consumer: Consumer) -> None:
         """Commit what settled before close() (whose revoke commits again, or may not come at all).
