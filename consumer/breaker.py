@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 import structlog
+
+from consumer.config import RetryConfig
 
 log = structlog.get_logger(__name__)
 
@@ -25,6 +27,22 @@ State = Literal["closed", "open"]
 
 
 class CircuitBreaker:
+    @classmethod
+    def per_shop(
+        cls, shops: Iterable[str], retry: RetryConfig, on_change: Callable[[str, State], None]
+    ) -> dict[str, CircuitBreaker]:
+        """One breaker per shop, as ``retry`` configures them."""
+        return {
+            shop: cls(
+                shop,
+                threshold=retry.breaker_threshold,
+                probe_base_s=retry.breaker_probe_base_s,
+                probe_cap_s=retry.breaker_probe_cap_s,
+                on_change=on_change,
+            )
+            for shop in shops
+        }
+
     def __init__(
         self,
         shop: str,

@@ -31,17 +31,21 @@ rr_request_duration_seconds{method}    tracking API request latency (histogram)
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
 from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from consumer import __version__
+
+log = structlog.get_logger(__name__)
 
 TopicPartition = tuple[str, int]
 
@@ -161,3 +165,16 @@ def _counter(
     for key, value in sorted(dict(values).items(), key=str):  # dict(): a consistent copy, whatever thread
         family.add_metric(list(key) if isinstance(key, tuple) else [str(key)], value)
     return family
+
+
+async def report_progress(read: Callable[[], Mapping[str, int]], every_s: float) -> None:
+    """Log ``relay.progress`` every ``every_s``: the counts ``read`` gives, and the delivery rate since the
+    last line."""
+    last_delivered, last_time = 0, time.monotonic()
+    while True:
+        await asyncio.sleep(every_s)
+        counts = read()
+        now, delivered = time.monotonic(), counts["delivered"]
+        rate = (delivered - last_delivered) / (now - last_time)
+        last_delivered, last_time = delivered, now
+        log.info("relay.progress", **counts, records_per_s=round(rate, 1))

@@ -23,9 +23,7 @@ waiting and without committing the records it stopped on.
 from __future__ import annotations
 
 import asyncio
-import gc
 import signal
-import sys
 import time
 from collections.abc import Callable
 from typing import Final
@@ -44,8 +42,9 @@ from consumer.guard import DeadLetterGuard
 from consumer.handoff import Handoff
 from consumer.health import HealthServer
 from consumer.intake import Intake
+from consumer.interpreter import tune_interpreter
 from consumer.ledger import OffsetLedger
-from consumer.metrics import RelayMetrics
+from consumer.metrics import RelayMetrics, report_progress
 from consumer.probes import Probes
 from consumer.record import Record, TopicPartition
 from consumer.redrive import Redrive
@@ -62,9 +61,6 @@ EXIT_CONFIG: Final = 2
 EXIT_HALTED: Final = 3
 #: How often a draining revoke or shutdown looks at the in-flight count.
 DRAIN_POLL_S: Final = 0.01
-#: How long a thread may hold the GIL while another waits for it (CPython's default: 5 ms); see
-#: :func:`_tune_interpreter`.
-SWITCH_INTERVAL_S: Final = 0.001
 PROGRESS_EVERY_S: Final = 5.0
 HEARTBEAT_EVERY_S: Final = 1.0
 #: How long closing the Kafka consumer (final commit, leaving the group) may take at shutdown.
@@ -102,9 +98,10 @@ class Relay:
         self._start_health()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop)
-        _tune_interpreter()
+        tune_interpreter()
         self.intake.start()
-        background = [asyncio.create_task(self._report_progress()), asyncio.create_task(self._beat())]
+        progress = report_progress(self._progress, PROGRESS_EVERY_S)
+        background = [asyncio.create_task(progress), asyncio.create_task(self._beat())]
         if self.redrive is not None:
             watch = self.redrive.stop_when_caught_up(self.settler, self.request_stop)
             background.append(asyncio.create_task(watch))
@@ -138,16 +135,9 @@ class Relay:
         settings, retry = self.config.settings, self.config.settings.retry
         self.handoff = Handoff(loop)
         self.ledger.positions = self.handoff.positions
-        self.breakers = {
-            shop: CircuitBreaker(
-                shop,
-                threshold=retry.breaker_threshold,
-                probe_base_s=retry.breaker_probe_base_s,
-                probe_cap_s=retry.breaker_probe_cap_s,
-                on_change=lambda shop, state: self.settler.breaker_changed(shop, state),
-            )
-            for shop in self.config.shops
-        }
+        self.breakers = CircuitBreaker.per_shop(
+            self.config.shops, retry, lambda shop, state: self.settler.breaker_changed(shop, state)
+        )
         self.backoff = Backoff(retry)
         dlq_topics = {t.name: t.dlq for t in settings.topics}
         self.settler = Settler(
@@ -297,6 +287,17 @@ class Relay:
         await self._drain(lambda: sum(self.ledger.in_flight_for(tp) for tp in partitions), grace_s)
         return self.settler.release(partitions)
 
+    def _progress(self) -> dict[str, int]:
+        settler, handoff = self.settler, self.handoff
+        return {
+            "consumed": handoff.consumed,
+            "delivered": settler.delivered,
+            "dead_lettered": settler.dead_lettered,
+            "in_flight": self.ledger.in_flight,
+            "retries": sum(self.metrics.retries.values()),
+            "partitions": len(handoff.assigned),
+        }
+
     def on_intake_stopped(self, error: BaseException | None) -> None:
         if error is not None:
             self._intake_error = error
@@ -305,44 +306,6 @@ class Relay:
         if not self._intake_stopped.done():
             self._intake_stopped.set_result(None)
         self.request_stop()
-
-    async def _report_progress(self) -> None:
-        last_delivered, last_time = 0, time.monotonic()
-        while True:
-            await asyncio.sleep(PROGRESS_EVERY_S)
-            now, delivered = time.monotonic(), self.settler.delivered
-            rate = (delivered - last_delivered) / (now - last_time)
-            last_delivered, last_time = delivered, now
-            log.info(
-                "relay.progress",
-                consumed=self.handoff.consumed,
-                delivered=delivered,
-                dead_lettered=self.settler.dead_lettered,
-                in_flight=self.ledger.in_flight,
-                records_per_s=round(rate, 1),
-                retries=sum(self.metrics.retries.values()),
-                partitions=len(self.handoff.assigned),
-            )
-
-
-def _tune_interpreter() -> None:
-    """Collect rarely, never the start-up heap again, and hand the GIL over sooner.
-
-    Every record makes a dozen tracked objects that live until its batch is answered, so with CPython's
-    defaults young collections ran every few dozen records and full ones walked tens of thousands of
-    in-flight records (about 87 ms each, a stall of the event loop too): about a fifth of the relay's CPU.
-    Freezing what start-up allocated and raising the young threshold removes most of it; memory stays
-    bounded by the in-flight cap, which is what bounds the heap.
-
-    Two threads run Python here: the intake (decoding, CPU-bound) and the event loop (short bursts between
-    socket calls). Each socket call releases the GIL, and getting it back from a busy intake thread took
-    up to the switch interval, 5 ms by default, while answers waited: the relay idled at 0.8 of a core.
-    With 1 ms, batch mode ran at 51,000-61,000 events/s against 39,000-52,000 (3 runs each, side by side).
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
 
 def run(config: RelayConfig) -> int:
