@@ -35,7 +35,7 @@ from consumer.breaker import CircuitBreaker
 from consumer.config import RelayConfig, Settings
 from consumer.deadletter import DeadLetterWriter
 from consumer.decode import Decoder, build_decoder, registry_client
-from consumer.deliver import Dispatcher
+from consumer.deliver import make_dispatcher
 from consumer.faults import FaultBoard
 from consumer.guard import SHOP_WIDE_STATUSES, DeadLetterGuard
 from consumer.health import HealthServer
@@ -184,7 +184,7 @@ class Relay:
             )
             for shop in self.config.shops
         }
-        self.dispatcher = Dispatcher(
+        self.dispatcher = make_dispatcher(
             self.client,
             settings.delivery,
             settings.tracking,
