@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, Final, Protocol
+from typing import Any, Protocol
 
 import orjson
 import structlog
@@ -35,8 +35,9 @@ from confluent_kafka import TopicPartition as KafkaTopicPartition
 
 from consumer.commit import Committer
 from consumer.config import DeliveryMode, Settings, UnknownEventPolicy
-from consumer.contract import SINGLE_METHODS, TrackingCall
+from consumer.contract import TrackingCall
 from consumer.decode import Decoder, DomainEvent, UnknownEventType
+from consumer.deliver.envelope import encode as envelope
 from consumer.errors import DecodeError, PermanentError, RegistryUnavailable, TranslateError
 from consumer.faults import FaultBoard
 from consumer.handoff import Handoff
@@ -60,8 +61,6 @@ BROKER_SILENT_HEARTBEATS = 2.5
 BROKER_SILENT_MIN_S = 6.0
 #: A consume error (e.g. a topic deleted under the relay) stays a fault this long after it was last seen.
 CONSUME_FAULT_TTL_S = 30.0
-#: The start of each method's ``visitorEvents`` envelope, ``{"view":``: the body and a ``}`` complete it.
-_ENVELOPE: Final[Mapping[str, bytes]] = {method: b'{"' + method.encode() + b'":' for method in SINGLE_METHODS}
 
 
 class IntakeListener(Protocol):
@@ -371,7 +370,7 @@ class Intake:
 
     def _encode(self, calls: list[TrackingCall]) -> list[bytes]:
         if self._mode == "batch":
-            return [_ENVELOPE[call.method] + orjson.dumps(call.body) + b"}" for call in calls]
+            return [envelope(call) for call in calls]
         return [orjson.dumps(call.body) for call in calls]
 
     def _consume_error(self, error: KafkaError) -> None:

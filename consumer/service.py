@@ -36,7 +36,7 @@ from consumer.clients import kafka_client_config
 from consumer.config import RelayConfig
 from consumer.deadletter import DeadLetterWriter
 from consumer.decode import build_decoders
-from consumer.deliver import Dispatcher
+from consumer.deliver import make_dispatcher
 from consumer.faults import FaultBoard
 from consumer.guard import DeadLetterGuard
 from consumer.handoff import Handoff
@@ -163,7 +163,7 @@ class Relay:
         self.settler.bind_dead_letters(self.dlq)
         self.client = TrackingClient(settings.tracking, self.config.shops)
         await self.client.start()
-        self.dispatcher = Dispatcher(
+        self.dispatcher = make_dispatcher(
             self.client,
             settings.delivery,
             settings.tracking,

@@ -168,7 +168,7 @@ def clients_left_behind(keep: Iterable[object] = (), *, skip: set[int] | None = 
     holds the ids of clients reported before (reported once), and gains the ones reported now.
     """
     if gc.get_freeze_count():
-        gc.unfreeze()  # an in-process relay froze the heap of its time (consumer.interpreter.tune_interpreter)
+        gc.unfreeze()  # an in-process relay froze the heap of its time (consumer.interpreter)
     kept = {id(client) for client in keep}
     found: list[str] = []
     for obj in gc.get_objects():

@@ -13,7 +13,7 @@ import pytest
 from consumer.breaker import CircuitBreaker
 from consumer.config import DeliveryConfig, RetryConfig, TrackingConfig
 from consumer.contract import TrackingCall
-from consumer.deliver import Dispatcher
+from consumer.deliver import make_dispatcher
 from consumer.ratelimit import TokenBucket
 from consumer.record import Record
 from consumer.retry import Backoff
@@ -70,7 +70,7 @@ async def run_dispatcher(
 
     config = DeliveryConfig(mode=mode, **delivery)  # type: ignore[arg-type]
     breakers = {"demo": CircuitBreaker("demo", threshold=1000, probe_base_s=1, probe_cap_s=1)}
-    dispatcher = Dispatcher(
+    dispatcher = make_dispatcher(
         client,
         config,
         TrackingConfig(),
@@ -183,7 +183,7 @@ async def run_with_a_revoke(revoke_before_send: bool) -> tuple[FakeClient, list[
         return record.tp not in revoked
 
     settled: list[Record] = []
-    dispatcher = Dispatcher(
+    dispatcher = make_dispatcher(
         client,
         DeliveryConfig(mode="batch", batch_linger_ms=10_000),
         TrackingConfig(),
