@@ -137,6 +137,13 @@ class TokenBucket:
         # the first call after it goes at ``deadline``, the next one ``1/rate`` later.
         self._tat = max(self._tat + delay, deadline + self._tolerance)
 
+    def next_slot(self) -> float:
+        """When a call that asked now would be let go (on the bucket's clock), without taking the slot."""
+        now = self._clock()
+        if self._start_empty:
+            return max(now, self._held_until)
+        return max(now, max(self._tat, now) - self._tolerance, self._held_until)
+
     @property
     def held_until(self) -> float:
         """The current hold's deadline on the bucket's clock (``-inf`` when the bucket was never held)."""

@@ -6,6 +6,7 @@ linger; the single dispatcher keeps one call per visitor in flight; the factory 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -184,6 +185,29 @@ async def test_an_open_batch_is_sealed_and_sent_when_its_linger_has_passed() -> 
     finally:
         await dispatcher.close()
     assert [client.products(i) for i in range(len(client.requests))] == [[0, 1, 2]]
+
+
+async def test_past_its_linger_a_batch_stays_open_until_its_shop_has_a_rate_limit_slot() -> None:
+    """Sealed at its linger, the batch would only wait for the slot with its visitors locked behind it."""
+    client = GatedClient(gated=False)
+    bucket = client.limiters["demo"] = TokenBucket(10.0, burst=1)
+    taken = time.monotonic()
+    assert bucket.reserve() == 0.0, "the free slot is taken now: the shop's next one is 100 ms away"
+    done: list[Record] = []
+    delivery = DeliveryConfig(mode="batch", batch_max_events=100, batch_linger_ms=20)
+    dispatcher = BatchDispatcher(client, delivery, **dispatcher_args(done.append))  # type: ignore[arg-type]
+    dispatcher.start()
+    try:
+        dispatcher.submit([make_record(0, "a", "batch")])
+        await until(lambda: time.monotonic() >= taken + 0.05, "the batch's linger long over")
+        assert client.requests == [], "sealed at its linger, though its shop has no slot yet"
+        dispatcher.submit([make_record(1, "b", "batch")])
+        await until(lambda: len(done) == 2, "the batch sent at the slot and reported")
+        sent = time.monotonic()
+    finally:
+        await dispatcher.close()
+    assert [client.products(i) for i in range(len(client.requests))] == [[0, 1]], "one batch, both records"
+    assert sent >= taken + 0.1, "not sealed before the shop's slot"
 
 
 # --- single --------------------------------------------------------------------------------------------

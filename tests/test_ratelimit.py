@@ -107,6 +107,22 @@ def test_a_full_bucket_lets_a_burst_go_at_once_then_spaces_calls_by_one_over_rat
     assert waits == pytest.approx([0, 0, 0, 0.1, 0.2, 0.3])
 
 
+def test_the_next_slot_is_when_a_reservation_would_go_and_looking_takes_none() -> None:
+    clock = FakeClock(1.0)
+    bucket = TokenBucket(rate=10, burst=2, clock=clock)
+    assert bucket.next_slot() == pytest.approx(1.0), "a full bucket: now"
+    for _ in range(2):
+        bucket.reserve()
+    slot = bucket.next_slot()
+    assert slot == pytest.approx(1.1), "the burst used: one interval on"
+    assert bucket.next_slot() == slot, "looking took no slot"
+    assert clock() + bucket.reserve() == pytest.approx(slot), "the next reservation goes at that slot"
+    bucket.hold_until(5.0)
+    held = bucket.next_slot()
+    assert held >= 5.0, "nothing before a hold's deadline"
+    assert clock() + bucket.reserve() == pytest.approx(held), "and the queue moved back with it"
+
+
 def test_default_burst_is_a_tenth_of_a_second_of_calls_but_at_least_one() -> None:
     assert TokenBucket(50).burst == 5
     assert TokenBucket(3).burst == 1
