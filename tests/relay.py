@@ -136,7 +136,7 @@ def write_config(
     for topic in topics:
         lines.append(f'[[topics]]\nname = "{topic}"\nformat = "{fmt}"\n')
     if registry_url:
-        lines.append(f'[schema_registry]\nurl = "{registry_url}"\n')
+        lines.append(_table("schema_registry", {"url": registry_url, **extra.pop("schema_registry", {})}))
     for shop in shops:
         lines.append(f'[shops.{shop}]\npartner_id = "{SHOPS[shop][0]}"\nrate_limit = 100000\n')
     for name, values in extra.items():
