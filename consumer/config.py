@@ -182,6 +182,8 @@ class DeliveryConfig(_Frozen):
     ordering: Ordering = "key"
     batch_max_events: int = Field(default=500, ge=1, le=10_000)
     batch_max_bytes: int = Field(default=1_048_576, ge=1024)
+    #: How long an open batch waits for more events before it is sealed; a shop at its rate limit keeps it
+    #: open until its next slot, since a sealed batch would wait for that slot anyway.
     batch_linger_ms: float = Field(default=20.0, ge=0)
     #: Batches in flight at once, over all shops.
     max_concurrent_batches: int = Field(default=16, ge=1)
