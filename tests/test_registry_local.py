@@ -7,9 +7,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -203,3 +205,58 @@ def test_run_uses_the_registry_schema_registry_url_names_and_exits_with_the_comm
         check=False,
     )
     assert result.returncode == 7, result.stderr
+
+
+NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+
+class _Dropping:
+    """A registry stand-in on a free port that drops its first ``drops`` connections unanswered, then 404s."""
+
+    def __init__(self, drops: int) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/apis/ccompat/v7"
+        self.drops = drops
+        self.connections = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            with connection:
+                self.connections += 1
+                connection.recv(65536)
+                if self.connections > self.drops:
+                    connection.sendall(NOT_FOUND)
+
+    def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() the thread waits in
+        self.listener.close()
+        self.thread.join(timeout=5)
+
+
+def test_warm_up_asks_again_when_the_registry_drops_a_connection_unanswered() -> None:
+    """Seen in a CI run: Apicurio closed a first ``/schemas/guids`` request unanswered, and the run died."""
+    dropping = _Dropping(drops=2)
+    try:
+        registry_local.warm_up(dropping.url)
+    finally:
+        dropping.close()
+    assert dropping.connections == 2 + len(registry_local.WARM_UP_PATHS), "each path answered, 2 asked again"
+
+
+def test_warm_up_fails_naming_the_path_when_the_registry_never_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(registry_local, "WARM_UP_TIMEOUT_S", 1.0)
+    dropping = _Dropping(drops=10**9)
+    try:
+        with pytest.raises(registry_local.RegistryError) as caught:
+            registry_local.warm_up(dropping.url)
+    finally:
+        dropping.close()
+    assert f"did not answer {registry_local.WARM_UP_PATHS[0]} when warmed up" in str(caught.value)
