@@ -195,7 +195,7 @@ def _add_replay(commands: Commands) -> None:
         "      --to-offset 0:1500 --to-offset 1:1320\n"
         "  rr-consumer replay --config relay.toml --to-latest        # skip the backlog\n\n"
         "exit status: 0 applied (or dry run), 1 refused or failed (active members, unknown topic or\n"
-        "partition, broker error), 2 bad arguments or configuration",
+        "partition, broker error), 2 bad arguments or configuration, or no broker answering",
     )
     parser.add_argument(
         "--config",
@@ -243,7 +243,7 @@ def _add_replay(commands: Commands) -> None:
     )
 
     def run(args: argparse.Namespace) -> int:
-        from consumer import replay
+        from consumer import clients, logs, replay
 
         loaded = None
         if args.config is not None:
@@ -252,7 +252,13 @@ def _add_replay(commands: Commands) -> None:
             loaded = _load_config(config, args.config, secrets=False)  # replay never calls the API
             if loaded is None:
                 return 2
-        return replay.run_command(args, loaded)
+        level = "warning" if loaded is None else loaded.observability.log_level
+        # librdkafka's lines go to the JSON log on stderr, apart from the plan on stdout
+        logs.configure("warning" if level == "info" else level, "json")
+        try:
+            return replay.run_command(args, loaded)
+        finally:
+            clients.flush_tool_logs()
 
     parser.set_defaults(handler=run)
 
@@ -346,7 +352,7 @@ def _add_dlq(commands: Commands) -> None:
         from confluent_kafka import KafkaException
         from rich.console import Console
 
-        from consumer import config, dlq, logs
+        from consumer import clients, config, dlq, logs, preflight
         from consumer.errors import ConfigError
         from consumer.redrive import RedriveFilter, RedrivePlan
 
@@ -384,18 +390,26 @@ def _add_dlq(commands: Commands) -> None:
             emoji=False,
             highlight=False,
         )
+        # The log (librdkafka's lines, a re-drive's warnings) is JSON on stderr, apart from the table.
+        observability = settings.observability
+        logs.configure(
+            "warning" if observability.log_level == "info" else observability.log_level,
+            "json",
+            secrets=[]
+            if args.action == "inspect"
+            else [shop.api_key.get_secret_value() for shop in loaded.shops.values()],
+        )
         try:
+            preflight.require_brokers(
+                clients.kafka_client_config(settings),
+                settings.kafka.bootstrap_servers,
+                settings.kafka.connect_timeout_s,
+            )
             topics = dlq.dead_letter_topics(settings, args.topic)
             if args.action == "inspect":
                 found = dlq.read_dead_letters(settings, topics, filters, keep=args.limit, states=args.state)
                 dlq.render(found, console, sources=sources)
                 return 0
-            observability = loaded.settings.observability
-            logs.configure(
-                "warning" if observability.log_level == "info" else observability.log_level,
-                "json",
-                secrets=[shop.api_key.get_secret_value() for shop in loaded.shops.values()],
-            )
             plan = RedrivePlan(filters=filters, max_redrives=args.max_redrives)
             return dlq.run_redrive(loaded, topics, plan, from_beginning=args.from_beginning, console=console)
         except ConfigError as error:
@@ -404,6 +418,8 @@ def _add_dlq(commands: Commands) -> None:
         except KafkaException as error:
             print(f"rr-consumer: Kafka: {error}", file=sys.stderr)
             return 1
+        finally:
+            clients.flush_tool_logs()
 
     inspect.set_defaults(handler=run)
     redrive.set_defaults(handler=run)

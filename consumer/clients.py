@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import Producer
 
+from consumer.logs import KafkaLog
+
 if TYPE_CHECKING:
     from consumer.config import Settings
 
@@ -53,3 +55,23 @@ def kafka_client_config(settings: Settings) -> dict[str, Any]:
     kafka = settings.kafka
     common = {k: v for k, v in kafka.client.items() if not k.startswith(_CONSUMER_ONLY)}
     return {**common, "bootstrap.servers": kafka.bootstrap_servers}
+
+
+#: The librdkafka log of each command-line tool's clients (``dlq``, ``replay``), one per tool and process.
+_TOOL_LOGS: dict[str, KafkaLog] = {}
+
+
+def with_tool_log(config: dict[str, Any], tool: str) -> dict[str, Any]:
+    """``config`` with librdkafka's lines going to the relay's JSON log as ``kafka.log`` events of ``tool``,
+    never raw ``%3|...`` lines on stderr. The tool calls :func:`flush_tool_logs` once its clients are closed.
+    """
+    log = _TOOL_LOGS.get(tool)
+    if log is None:
+        log = _TOOL_LOGS[tool] = KafkaLog(tool)
+    return {**config, "logger": log}
+
+
+def flush_tool_logs() -> None:
+    """Log the counts of librdkafka's lines the tools' logs still hold back (see :class:`KafkaLog`)."""
+    for log in _TOOL_LOGS.values():
+        log.flush()

@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, KafkaException, Message
@@ -31,7 +32,7 @@ from rich.table import Table
 from rich.text import Text
 
 from consumer import resolution
-from consumer.clients import kafka_client_config
+from consumer.clients import kafka_client_config, with_tool_log
 from consumer.config import RelayConfig, Settings, TopicConfig
 from consumer.decode import build_decoders
 from consumer.errors import ConfigError
@@ -57,6 +58,11 @@ from consumer.service import Relay
 READ_TIMEOUT_S = 10.0
 #: States a record can be in, as ``inspect --state`` names them.
 STATES = ("pending", "re-driven", "unredrivable")
+
+
+def _client_config(settings: Settings) -> dict[str, Any]:
+    """The settings of the tool's own clients: the relay's, with librdkafka's lines in the JSON log."""
+    return with_tool_log(kafka_client_config(settings), "dlq")
 
 
 @dataclass(frozen=True)
@@ -116,7 +122,7 @@ def read_dead_letters(
     """The records of ``topics`` up to their current end that match ``filters`` (and are in one of
     ``states``, if given): all are counted, the last ``keep`` (all when None) kept, so a topic of millions
     of records costs time but not memory."""
-    client = kafka_client_config(settings)
+    client = _client_config(settings)
     log = resolution.read(client, topics)
     sources = frozenset(topic.name for topic in settings.topics)
     consumer = Consumer(
@@ -327,7 +333,7 @@ def redrive_config(config: RelayConfig, topics: Sequence[str]) -> RelayConfig:
 def dead_letter_ends(settings: Settings, topics: Sequence[str]) -> dict[TopicPartition, tuple[int, int]]:
     """(first offset held, end) of every partition of ``topics``; ConfigError naming a missing topic."""
     consumer = Consumer(
-        {**kafka_client_config(settings), "group.id": settings.kafka.group_id, "enable.auto.commit": False}
+        {**_client_config(settings), "group.id": settings.kafka.group_id, "enable.auto.commit": False}
     )
     try:
         return _end_offsets(consumer, topics)
@@ -373,7 +379,7 @@ def rewind(
     group = kafka.group_id
     session_s = float(kafka.client.get("session.timeout.ms", 45_000)) / 1000
     deadline = time.monotonic() + session_s + 5.0
-    admin = AdminClient(kafka_client_config(config.settings))
+    admin = AdminClient(_client_config(config.settings))
     partitions = [KafkaTopicPartition(t, p, start) for (t, p), (start, _) in work.items()]
     said = False
     try:
@@ -416,7 +422,7 @@ def run_redrive(
     config: RelayConfig, topics: Sequence[str], plan: RedrivePlan, *, from_beginning: bool, console: Console
 ) -> int:
     decoders = build_decoders(config)  # of the original topics, before the configuration is turned
-    client = kafka_client_config(config.settings)
+    client = _client_config(config.settings)
     turned = redrive_config(config, topics)
     ends = dead_letter_ends(turned.settings, topics)  # first: a missing topic gets no log created
     resolution.ensure_logs(client, topics)

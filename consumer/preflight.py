@@ -61,9 +61,11 @@ def run_checks(
     """
     settings = config.settings
     checks: list[Check] = []
-    admin = AdminClient({**admin_config, "log_level": 0})  # no logger callback: see the module docstring
+    admin = AdminClient(_silent(admin_config))
     try:
-        metadata, broker_check = _brokers(admin, settings, settings.kafka.connect_timeout_s)
+        metadata, broker_check = _brokers(
+            admin, settings.kafka.bootstrap_servers, settings.kafka.connect_timeout_s
+        )
         checks.append(broker_check)
         if metadata is not None:
             checks.extend(_topics(admin, metadata, settings, create=create))
@@ -82,8 +84,34 @@ def first_failure(checks: list[Check]) -> ConfigError | None:
     return None
 
 
-def _brokers(admin: AdminClient, settings: Settings, timeout_s: float) -> tuple[Any, Check]:
-    servers = settings.kafka.bootstrap_servers
+def require_brokers(
+    admin_config: dict[str, Any], servers: str, timeout_s: float, setting: str = "kafka.bootstrap_servers"
+) -> None:
+    """The broker check alone, for the commands that read or move Kafka state (``dlq``, ``replay``):
+    ConfigError naming ``setting`` when no broker answers within ``timeout_s``.
+
+    Without it, such a command against a wrong address printed librdkafka's connection failures for the
+    whole of its request timeout and then a line that named no setting.
+    """
+    admin = AdminClient(_silent({**admin_config, "bootstrap.servers": servers}))
+    try:
+        _, check = _brokers(admin, servers, timeout_s, setting)
+    finally:
+        del admin
+    if not check.ok:
+        raise ConfigError(check.setting, check.detail)
+
+
+def _silent(admin_config: dict[str, Any]) -> dict[str, Any]:
+    """The check's client settings: librdkafka's log off, debug contexts (``[kafka.client] debug``) too,
+    which print whatever ``log_level`` says; and no logger callback (see the module docstring)."""
+    settings = {k: v for k, v in admin_config.items() if k not in ("debug", "logger")}
+    return {**settings, "log_level": 0}
+
+
+def _brokers(
+    admin: AdminClient, servers: str, timeout_s: float, setting: str = "kafka.bootstrap_servers"
+) -> tuple[Any, Check]:
     started = time.monotonic()
     try:
         metadata = admin.list_topics(timeout=timeout_s)
@@ -91,14 +119,14 @@ def _brokers(admin: AdminClient, settings: Settings, timeout_s: float) -> tuple[
         error = exc.args[0] if exc.args else exc
         reason = error.str() if hasattr(error, "str") else str(error)
         return None, Check(
-            "kafka.bootstrap_servers",
+            setting,
             False,
             f"no broker at {servers} answered within {timeout_s:.0f}s ({reason})",
         )
     took = time.monotonic() - started
     count = len(metadata.brokers)
     return metadata, Check(
-        "kafka.bootstrap_servers",
+        setting,
         True,
         f"{count} broker(s) answered at {servers} in {took:.2f}s (cluster {metadata.cluster_id})",
     )

@@ -35,8 +35,10 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 
+from consumer.clients import with_tool_log
 from consumer.config import Settings
-from consumer.errors import RelayError
+from consumer.errors import ConfigError, RelayError
+from consumer.preflight import require_brokers
 
 #: Exit status when the replay was refused (active members) or failed (unknown topic, broker error).
 EXIT_FAILED = 1
@@ -105,6 +107,8 @@ class Request:
     offset_reset: str = "earliest"
     timeout_s: float = DEFAULT_TIMEOUT_S
     dry_run: bool = False
+    #: Where ``bootstrap_servers`` came from, for the line that says no broker answers there.
+    bootstrap_setting: str = "kafka.bootstrap_servers"
 
 
 @dataclass(frozen=True)
@@ -237,6 +241,7 @@ def request_from_args(args: argparse.Namespace, settings: Settings | None) -> Re
         offset_reset=offset_reset,
         timeout_s=args.timeout,
         dry_run=args.dry_run,
+        bootstrap_setting="--bootstrap-servers" if args.bootstrap_servers else "kafka.bootstrap_servers",
     )
 
 
@@ -260,7 +265,7 @@ class Cluster:
     """
 
     def __init__(self, request: Request) -> None:
-        common = {**request.client, "bootstrap.servers": request.bootstrap_servers}
+        common = with_tool_log({**request.client, "bootstrap.servers": request.bootstrap_servers}, "replay")
         self.timeout_s = request.timeout_s
         try:
             self.admin = AdminClient(common)
@@ -477,6 +482,12 @@ def format_plan(request: Request, rows: Sequence[PlanRow]) -> str:
 
 def replay(request: Request) -> int:
     """Check, plan, print, apply. Returns the exit status; raises ReplayError for the one-line failures."""
+    try:
+        require_brokers(
+            dict(request.client), request.bootstrap_servers, request.timeout_s, request.bootstrap_setting
+        )
+    except ConfigError as error:
+        raise ReplayError(str(error), EXIT_USAGE) from None
     with Cluster(request) as cluster:
         active = cluster.active_members(request.group)
         if active is not None and not request.dry_run:

@@ -32,6 +32,7 @@ from tests.relay import (
     test_shops,
     write_config,
 )
+from tools import kafka_local
 
 REJECTED_ORDER_ITEM = 11
 REJECTED_VIEW = 77
@@ -581,3 +582,44 @@ def test_a_record_whose_schema_id_travels_in_a_header_is_re_driven_with_it(
         assert redriven.returncode == 0, redriven.stderr[-3000:]
         assert [(m, body["productId"]) for m, body in calls_at(emulator)] == [("view", REJECTED_VIEW)]
         assert end_offsets(kafka_bootstrap, dlq, 1) == {0: 1}, "nothing dead-lettered again"
+
+
+def test_inspect_where_no_broker_answers_is_one_line_naming_the_setting(stack: Stack) -> None:
+    """Before, ``dlq inspect`` against a wrong address printed librdkafka's raw connection failures (about
+    20 a second) and ended in a line that named no setting, exit 1."""
+    topic = stack.topic("nobroker", partitions=1)
+    config = stack.config([topic], fmt="json", sections={"kafka": {"connect_timeout_s": 2}})
+    shown = rr(
+        "dlq",
+        "inspect",
+        "--config",
+        str(config),
+        keys=False,
+        RR_KAFKA__BOOTSTRAP_SERVERS=f"127.0.0.1:{kafka_local.free_port()}",
+    )
+    assert shown.returncode == 2, shown.stderr[-2000:]
+    lines = shown.stderr.strip().splitlines()
+    assert len(lines) == 1, lines[:5]
+    assert lines[0].startswith("rr-consumer: kafka.bootstrap_servers: no broker at 127.0.0.1:"), lines[0]
+    assert "answered within 2s" in lines[0]
+    assert shown.stdout == ""
+
+
+def test_the_tools_librdkafka_lines_are_events_of_the_json_log_never_raw_lines(stack: Stack) -> None:
+    """librdkafka's debug lines (asked for here so that there are lines for certain) come out of the tool's
+    own clients as ``kafka.log`` events on stderr; the table stays alone on stdout."""
+    topic = stack.topic("toollog", partitions=1)
+    config = stack.config(
+        [topic],
+        fmt="json",
+        sections={"kafka": {"client": {"debug": "broker"}}, "observability": {"log_level": "debug"}},
+    )
+    shown = rr("dlq", "inspect", "--config", str(config), keys=False)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert not [line for line in shown.stderr.splitlines() if line.startswith("%")], "no raw librdkafka line"
+    events = [orjson.loads(line) for line in shown.stderr.splitlines() if line.strip()]
+    tool = [e for e in events if e["event"] == "kafka.log" and e["client"] == "dlq"]
+    assert tool, "the tool's clients' lines are in the log"
+    assert {e["level"] for e in tool} == {"debug"}
+    assert "0 dead-lettered record(s)" in shown.stdout
+    assert "kafka.log" not in shown.stdout

@@ -7,12 +7,15 @@ compared, not two views of the same code.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
@@ -28,6 +31,8 @@ from tests.kafka import (
     unique_name,
     wait_for,
 )
+from tests.relay import ROOT
+from tools import kafka_local
 
 NO_COMMIT = -1001  # what Consumer.committed reports for a partition the group never committed
 RunReplay = Callable[..., tuple[int, str, str]]
@@ -39,7 +44,10 @@ def replay(capsys: pytest.CaptureFixture[str]) -> RunReplay:
 
     def run(*args: str) -> tuple[int, str, str]:
         capsys.readouterr()  # drop anything earlier
-        status = main(["replay", *args])
+        try:
+            status = main(["replay", *args])
+        finally:
+            structlog.reset_defaults()  # the command configured the log onto this test's captured stderr
         out, err = capsys.readouterr()
         return status, out, err
 
@@ -393,6 +401,28 @@ def test_bad_arguments_are_one_clear_line_and_status_2(
     assert status == 2
     assert names in one_line(err)
     assert out == ""
+
+
+def test_an_address_where_no_broker_answers_is_one_line_naming_the_option_and_status_2() -> None:
+    """Before, this waited out the request timeout while librdkafka printed raw connection failures, then
+    said "cannot describe group g: Local: Timed out" (no setting named), exit 1."""
+    port = kafka_local.free_port()
+    command = ["replay", "--bootstrap-servers", f"127.0.0.1:{port}", "--group", "g", "--topic", "t"]
+    result = subprocess.run(
+        [sys.executable, "-m", "consumer", *command, "--to-latest", "--timeout", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, lines[:5]  # no raw librdkafka line (%3|...) around it
+    assert lines[0].startswith(
+        f"rr-consumer: replay: --bootstrap-servers: no broker at 127.0.0.1:{port} answered within 2s ("
+    ), lines[0]
+    assert result.stdout == ""
 
 
 def test_a_time_is_read_to_the_millisecond_in_its_own_offset_rounding_up() -> None:
