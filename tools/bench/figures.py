@@ -450,6 +450,8 @@ def backlog_ratelimit(bench: Bench) -> Figure:
         "events per accepted batch in the window: "
         + ", ".join(f"{run.window.events / run.requests:.0f}" if run.requests else "-" for run in runs),
         f"429 answers per run: {[run.refused for run in runs]} (in the window: {in_window})",
+        "the relay's peak resident memory (its in-flight budget, `delivery.max_in_flight_records`, full "
+        "while the limit holds it back): " + ", ".join(f"{run.peak_rss / 2**20:.0f} MiB" for run in runs),
     ]
     return figure
 
@@ -461,6 +463,8 @@ class _BacklogRun:
     requests: int
     refused: int
     refused_in_window: int
+    #: The relay's peak resident memory (bytes): its in-flight budget stays full under the limit.
+    peak_rss: int
 
 
 def _backlog_run(bench: Bench, limited: Emulator) -> _BacklogRun:
@@ -473,16 +477,20 @@ def _backlog_run(bench: Bench, limited: Emulator) -> _BacklogRun:
     )
     limited.reset()
     readings: list[dict[str, Any]] = []
-
-    def accepted() -> int:
-        # The whole counters, kept: the window's 429s and requests come from the readings that bound it.
-        counters = limited.counters()
-        readings.append(counters)
-        return int(counters["events_accepted"])
+    peak_rss = 0
 
     warmup, events = bench.sizes.backlog_rate
     total = bench.workload.calls
     with start_relay(config, bench.workload, log) as relay:
+
+        def accepted() -> int:
+            # The whole counters, kept: the window's 429s and requests come from the readings that bound it.
+            nonlocal peak_rss
+            counters = limited.counters()
+            readings.append(counters)
+            peak_rss = max(peak_rss, relay.probe.rss())
+            return int(counters["events_accepted"])
+
         window = measure_window(
             accepted,
             relay.probe,
@@ -501,6 +509,7 @@ def _backlog_run(bench: Bench, limited: Emulator) -> _BacklogRun:
         _batches_accepted(end) - _batches_accepted(start),
         int(end["rate_limited"]),
         int(end["rate_limited"]) - int(start["rate_limited"]),
+        peak_rss,
     )
 
 
