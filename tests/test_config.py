@@ -71,6 +71,17 @@ def test_a_minimal_configuration_takes_the_documented_defaults(tmp_path: Path) -
     assert loaded.shops["demo"].rate_limit == 50.0
 
 
+def test_the_in_flight_budget_defaults_by_mode_and_a_setting_wins(tmp_path: Path) -> None:
+    """Batch mode needs twice the budget to use every slot of a rate-limited backlog (see config.py)."""
+    assert load_text(tmp_path, MINIMAL).settings.delivery.max_in_flight_records == 40_000
+    single = load_text(tmp_path, MINIMAL, environ={**ENV, "RR_DELIVERY__MODE": "single"})
+    assert single.settings.delivery.max_in_flight_records == 20_000
+    text = MINIMAL + '\n[delivery]\nmode = "single"\nmax_in_flight_records = 1234\n'
+    assert load_text(tmp_path, text).settings.delivery.max_in_flight_records == 1234
+    error = config_error(tmp_path, MINIMAL + "\n[delivery]\nmax_in_flight_records = 0\n")
+    assert error.setting == "delivery.max_in_flight_records"
+
+
 def test_a_shop_without_api_key_env_reads_rr_api_key_of_its_name(tmp_path: Path) -> None:
     assert default_key_env("eu-store.2") == "RR_API_KEY_EU_STORE_2"
     text = MINIMAL.replace("[shops.demo]", "[shops.eu-store]")
