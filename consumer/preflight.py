@@ -93,7 +93,11 @@ def require_brokers(
     Without it, such a command against a wrong address printed librdkafka's connection failures for the
     whole of its request timeout and then a line that named no setting.
     """
-    admin = AdminClient(_silent({**admin_config, "bootstrap.servers": servers}))
+    try:
+        admin = AdminClient(_silent({**admin_config, "bootstrap.servers": servers}))
+    except (KafkaException, ValueError, TypeError) as error:
+        # A bad pass-through setting fails here, before any connection; no client was made.
+        raise ConfigError("kafka.client", f"cannot create a Kafka client: {error}") from None
     try:
         _, check = _brokers(admin, servers, timeout_s, setting)
     finally:

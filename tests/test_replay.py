@@ -425,6 +425,22 @@ def test_an_address_where_no_broker_answers_is_one_line_naming_the_option_and_st
     assert result.stdout == ""
 
 
+def test_a_bad_pass_through_setting_is_one_line_naming_kafka_client_and_status_2(
+    tmp_path: Path, replay: RunReplay
+) -> None:
+    config = tmp_path / "relay.toml"
+    config.write_text(
+        '[kafka]\nbootstrap_servers = "127.0.0.1:1"\n[kafka.client]\n"no.such.setting" = "x"\n'
+        '[[topics]]\nname = "t"\nformat = "json"\n[shops.demo]\npartner_id = "p"\n'
+    )
+    status, out, err = replay("--config", str(config), "--to-latest", "--dry-run")
+    assert status == 2
+    assert err.startswith("rr-consumer: replay: kafka.client: cannot create a Kafka client: "), err
+    assert "no.such.setting" in err
+    assert len(err.strip().splitlines()) == 1
+    assert out == ""
+
+
 def test_a_time_is_read_to_the_millisecond_in_its_own_offset_rounding_up() -> None:
     assert parse_time("2026-11-30T10:00:00+00:00") == 1_796_032_800_000
     assert parse_time("2026-11-30T12:00:00.007+02:00") == 1_796_032_800_007
