@@ -130,7 +130,13 @@ def test_a_registry_url_with_a_wrong_path_stops_run_before_a_record_is_dead_lett
     config = stack.config([topic], sections={**FAST, "schema_registry": {"timeout_s": 30}})
     text = config.read_text().replace(f'url = "{registry.url}"', f'url = "{registry.url}/apis/wrong"')
     config.write_text(text)
-    failure = preflight_failure(relays(config))
+    # Apicurio now and then leaves one request unanswered for 30 s or more (seen on several paths, at start
+    # and late in a run, in fresh-clone runs): no answer is the registry's stall, not the answer under test,
+    # so the relay is started again, up to three times, until the registry answers the check at all.
+    for _ in range(3):
+        failure = preflight_failure(relays(config))
+        if "gave no registry answer" not in failure["problem"]:
+            break
     assert failure["setting"] == "schema_registry.url"
     assert "answers HTTP 404 to /subjects: no Schema Registry API at this URL" in failure["problem"]
 
