@@ -252,9 +252,8 @@ def _add_replay(commands: Commands) -> None:
             loaded = _load_config(config, args.config, secrets=False)  # replay never calls the API
             if loaded is None:
                 return 2
-        level = "warning" if loaded is None else loaded.observability.log_level
         # librdkafka's lines go to the JSON log on stderr, apart from the plan on stdout
-        logs.configure("warning" if level == "info" else level, "json")
+        logs.configure(_tool_log_level(None if loaded is None else loaded.observability.log_level), "json")
         try:
             return replay.run_command(args, loaded)
         finally:
@@ -393,7 +392,7 @@ def _add_dlq(commands: Commands) -> None:
         # The log (librdkafka's lines, a re-drive's warnings) is JSON on stderr, apart from the table.
         observability = settings.observability
         logs.configure(
-            "warning" if observability.log_level == "info" else observability.log_level,
+            _tool_log_level(observability.log_level),
             "json",
             secrets=[]
             if args.action == "inspect"
@@ -423,6 +422,11 @@ def _add_dlq(commands: Commands) -> None:
 
     inspect.set_defaults(handler=run)
     redrive.set_defaults(handler=run)
+
+
+def _tool_log_level(configured: str | None) -> str:
+    """A tool logs warnings and worse unless the configuration asks for more detail than ``info``."""
+    return "warning" if configured in (None, "info") else configured
 
 
 def _http_status(text: str) -> str:

@@ -199,7 +199,7 @@ class DeliveryConfig(_Frozen):
     #: Single calls in flight at once (the worker pool of single mode).
     max_concurrent_calls: int = Field(default=64, ge=1)
     #: Records consumed but not yet settled; at the cap the consumer pauses its partitions. Unset: 40,000 in
-    #: batch mode, 20,000 in single mode (see the in-flight defaults below).
+    #: batch mode, 20,000 in single mode (see BATCH_IN_FLIGHT above).
     max_in_flight_records: int = Field(default=SINGLE_IN_FLIGHT, ge=1)
     #: Time revoked partitions get to settle their in-flight records before their watermark is committed.
     revoke_grace_s: float = Field(default=10.0, ge=0)
