@@ -1,17 +1,20 @@
 """The offset ledger: what may be committed, per partition and assignment generation.
 
 Records settle out of order (different visitors finish at different times). Per partition the ledger keeps
-the offsets still in flight, in consumption order; the committable position is always the first unsettled
-offset (or the last settled + 1 when nothing is in flight), so a commit never passes a record that is not
-yet delivered or safely dead-lettered.
+the *runs* still open, in consumption order: a run is the records of the partition read in one ``consume()``
+batch (``consumer.record.Run``), and settles as a count, so a batch of records settles in one step per run,
+not one per record. The committable position is the first offset of the oldest open run (or the end of the
+last closed one when none is open), so a commit never passes a record that is not yet delivered or safely
+dead-lettered; it may stay up to one run behind the first unsettled record, which a restart sends again.
+A record tracked on its own (single mode, a re-drive, a test) is a run of one, so there the position is
+exactly the first unsettled offset.
 
 Each assignment of a partition gets a new *generation*. A settlement carrying an older generation — a
 completion that arrives after its partition was revoked, even if the partition came back since — is
 dropped, never committed.
 
-Every count the ledger gives is read off its own state — the offsets each partition still holds — never
-kept as a running difference, so it cannot drift or go negative: settling a record twice, or releasing a
-partition whose later records settled first, changes nothing it reports.
+A record settles once (``Record.settled``) and a run's records are counted off it once each, so settling a
+record twice, or releasing a partition whose later records settled first, changes nothing the ledger reports.
 
 All methods run on the event loop thread. The positions to commit reach the intake thread through a
 :class:`~consumer.handoff.PositionChannel`, the ledger's only way out of the loop.
@@ -22,52 +25,64 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Mapping
 
-from consumer.handoff import PositionChannel
-from consumer.record import Record, TopicPartition
+from consumer.handoff import PositionChannel, Positions
+from consumer.record import Record, Run, TopicPartition
 
 
 class PartitionLedger:
-    """The in-flight offsets of one partition under one generation."""
+    """The runs of one partition under one generation, oldest first (see :class:`~consumer.record.Run`)."""
 
-    __slots__ = ("done", "generation", "last_settled", "pending")
+    __slots__ = ("generation", "runs", "settled_end", "tracked_end", "unsettled")
 
     def __init__(self, generation: int) -> None:
         self.generation = generation
-        self.pending: deque[int] = deque()
-        self.done: set[int] = set()
-        self.last_settled: int | None = None
+        self.runs: deque[Run] = deque()
+        #: The end of the last run closed with every run before it: the position when no run is open.
+        self.settled_end: int | None = None
+        #: The end of the last run tracked: every record before it was read.
+        self.tracked_end: int | None = None
+        #: Records tracked and not yet settled, kept as runs open and closed: never below zero, since a
+        #: record settles once (``Record.settled``) and a run's batch is settled once by delivery.
+        self.unsettled = 0
 
-    def track(self, offset: int) -> None:
-        self.pending.append(offset)
+    def track(self, run: Run) -> int | None:
+        """Add a run just read; return the new committable position if it moved (a run with nothing open)."""
+        self.runs.append(run)
+        self.unsettled += run.open
+        self.tracked_end = run.end
+        return self._advance() if run.open == 0 else None
 
-    def settle(self, offset: int) -> int | None:
-        """Mark ``offset`` settled; return the new committable position if it moved.
-
-        An offset settled before (behind the first unsettled one, or among the done) changes nothing.
-        """
-        pending = self.pending
-        if not pending or offset < pending[0]:
-            return None  # settled already: the position passed it
-        if offset != pending[0]:
-            self.done.add(offset)
+    def settle(self, run: Run, count: int) -> int | None:
+        """``count`` records of ``run`` settled; return the new committable position if it moved."""
+        run.open -= count
+        self.unsettled -= count
+        if self.runs[0] is not run:
             return None
-        pending.popleft()
-        self.last_settled = offset
-        done = self.done
-        while pending and pending[0] in done:
-            self.last_settled = pending.popleft()
-            done.discard(self.last_settled)
-        return self.position()
+        if run.open == 0:
+            return self._advance()
+        return self.position() if run.open == len(run.records) else None
+
+    def _advance(self) -> int | None:
+        runs = self.runs
+        moved = False
+        while runs and runs[0].open == 0:
+            self.settled_end = runs.popleft().end
+            moved = True
+        return self.position() if moved else None
 
     def position(self) -> int | None:
-        """The offset to commit: the first unsettled one, or last settled + 1; None before any record."""
-        if self.pending:
-            return self.pending[0]
-        return None if self.last_settled is None else self.last_settled + 1
+        """The offset to commit: within the oldest open run, its first record still open if only Records
+        are (else the run's first offset); the end of the last closed run when none is open; None before
+        any run closed."""
+        if not self.runs:
+            return self.settled_end
+        head = self.runs[0]
+        if head.records and head.open == len(head.records):
+            return min(record.offset for record in head.records)
+        return head.first
 
     def __len__(self) -> int:
-        """Records still unsettled: the tracked ones less those settled out of order (in ``done``)."""
-        return len(self.pending) - len(self.done)
+        return self.unsettled
 
 
 class OffsetLedger:
@@ -114,6 +129,8 @@ class OffsetLedger:
             return None
         self.releases += 1
         self.released_unsettled += len(ledger)
+        for run in ledger.runs:
+            run.live = False  # a completion of its records changes nothing now
         self.positions.withdraw(tp)
         return ledger.position()
 
@@ -135,72 +152,91 @@ class OffsetLedger:
             ledger = self._partitions.get(tp)
             if ledger is None:
                 return False
-            if ledger.pending:
-                last = ledger.pending[-1]  # settled records stay in pending until those before them settle
-            elif ledger.last_settled is not None:
-                last = ledger.last_settled
-            else:
-                return False
-            if last + 1 < end:
+            if ledger.tracked_end is None or ledger.tracked_end < end:
                 return False
         return True
 
     # --- the flow ---------------------------------------------------------------------------------------
 
     def track(self, records: list[Record]) -> list[Record]:
-        """Start tracking freshly consumed records; return those whose partition is still ours."""
+        """Start tracking freshly consumed records, each a run of its own unless it came in one; return
+        those whose partition is still ours."""
         kept = []
         partitions = self._partitions
+        moved: Positions = {}
         for record in records:
             ledger = partitions.get(record.tp)
             if ledger is None or ledger.generation != record.generation:
                 continue  # read before a revoke that has since happened: the next owner reads it again
-            ledger.track(record.offset)
+            if record.run is None:
+                record.run = Run(record.tp, record.generation, record.offset, record.offset + 1, 1)
+                position = ledger.track(record.run)
+                if position is not None:
+                    moved[record.tp] = (ledger.generation, position)
             kept.append(record)
+        self._publish(moved)
         return kept
+
+    def track_runs(self, runs: list[Run]) -> bool:
+        """Start tracking the runs of one ``consume()`` batch; False when one was read under a generation
+        that is no longer ours (it is marked not live, and its records are to be dropped)."""
+        partitions = self._partitions
+        moved: Positions = {}
+        fresh = True
+        for run in runs:
+            ledger = partitions.get(run.tp)
+            if ledger is None or ledger.generation != run.generation:
+                run.live = False
+                fresh = False
+                continue
+            position = ledger.track(run)
+            if position is not None:
+                moved[run.tp] = (ledger.generation, position)
+        self._publish(moved)
+        return fresh
 
     def settle(self, record: Record) -> bool:
         """Mark a record settled. False when its partition is no longer ours (the completion is dropped) or
         when it was settled before."""
-        ledger = self._partitions.get(record.tp)
-        if ledger is None or ledger.generation != record.generation:
+        run = record.run
+        if record.settled or run is None or not run.live:
             return False
-        before = len(ledger)
-        position = ledger.settle(record.offset)
-        if len(ledger) == before:
-            return False
+        record.settled = True
+        if record in run.records:  # (by identity) a Record made within a run
+            run.records.remove(record)
+        ledger = self._partitions[record.tp]
+        position = ledger.settle(run, 1)
         if self._on_settled is not None:
             self._on_settled(record)
         if position is not None:
-            self.reached[record.tp] = position
-            self.positions.offer({record.tp: (ledger.generation, position)})
+            self._publish({record.tp: (ledger.generation, position)})
         return True
 
     def settle_many(self, records: list[Record]) -> int:
         """Mark delivered records settled (a batch's worth); return how many were still ours and unsettled."""
-        partitions = self._partitions
         settled = 0
-        on_settled = self._on_settled
-        moved: dict[TopicPartition, tuple[int, int]] = {}
-        tp: TopicPartition | None = None
-        ledger: PartitionLedger | None = None
         for record in records:
-            if record.tp != tp:  # a batch holds runs of one partition: look each run's ledger up once
-                tp = record.tp
-                ledger = partitions.get(tp)
-            if ledger is None or ledger.generation != record.generation:
-                continue
-            before = len(ledger)
-            position = ledger.settle(record.offset)
-            if len(ledger) == before:
-                continue  # settled before (a duplicate completion): counted once
-            settled += 1
-            if on_settled is not None:
-                on_settled(record)
+            settled += self.settle(record)
+        return settled
+
+    def settle_runs(self, counts: Mapping[Run, int]) -> int:
+        """Settle ``counts[run]`` records of each run (a batch's); return how many were still ours."""
+        partitions = self._partitions
+        moved: Positions = {}
+        settled = 0
+        for run, count in counts.items():
+            if run is None or not run.live:
+                continue  # its partition was released meanwhile (or the entry was a record: settled as one)
+            ledger = partitions[run.tp]
+            settled += count
+            position = ledger.settle(run, count)
             if position is not None:
-                moved[tp] = (ledger.generation, position)
+                moved[run.tp] = (ledger.generation, position)
+        self._publish(moved)
+        return settled
+
+    def _publish(self, moved: Positions) -> None:
         if moved:
             for tp, (_, position) in moved.items():
                 self.reached[tp] = position
             self.positions.offer(moved)
-        return settled

@@ -6,8 +6,9 @@ under) ride along with the data to settlement, so only the settle stage decides 
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
 from consumer.contract import TrackingCall
 from consumer.errors import PermanentError
@@ -72,6 +73,10 @@ class Record:
     first_failure: float | None = None
     last_failure: float | None = None
     consumed_at: float = 0.0
+    #: The range the record settles in (``OffsetLedger``); the ledger gives a record of its own one.
+    run: Run | None = None
+    #: Set by the ledger when the record settled: a second completion changes nothing.
+    settled: bool = False
 
     @property
     def size(self) -> int:
@@ -88,3 +93,59 @@ class Record:
         if self.first_failure is None:
             self.first_failure = now
         self.last_failure = now
+
+
+class Run:
+    """The records of one partition read in one ``consume()`` batch: they settle as a range.
+
+    The ledger keeps runs, not offsets: ``open`` counts the run's records not yet settled (a record that
+    needs nothing sent is never counted), and a partition's committable position is the ``first`` offset of
+    its oldest run still open, or the ``end`` of the last one once every run before it has closed. Records
+    of the run that exist as :class:`Record` objects (a failure, a batch's permanent answer) are in
+    ``records`` until they settle: once they are all that is open, the position is the first of them,
+    exact, as a record held back (a suspect, a dead letter not yet written) needs it to be. A run is
+    ``live`` while its partition is owned under the generation it was read in.
+    """
+
+    __slots__ = ("end", "first", "generation", "live", "open", "records", "tp")
+
+    def __init__(self, tp: TopicPartition, generation: int, first: int, end: int, open_: int = 0) -> None:
+        self.tp = tp
+        self.generation = generation
+        self.first = first
+        self.end = end
+        self.open = open_
+        self.live = True
+        self.records: list[Record] = []
+
+    def __repr__(self) -> str:
+        return f"Run({self.tp[0]}[{self.tp[1]}] {self.first}..{self.end}, open={self.open})"
+
+
+#: One record on the batch path, as a plain tuple (the cheapest object Python builds), by field position:
+#: ``(element, key, run, method, source, weight)``. ``element``: the record's ``visitorEvents`` envelopes,
+#: joined by commas, ready to go into a batch; ``key``: its ordering key within its shop (None: none);
+#: ``weight``: how many calls (events) it carries. A record taken whole from Kafka has ``run`` and ``method``
+#: set and ``source`` is its message: it settles with its run, and a :class:`Record` is made of it only if a
+#: call of it fails. A :class:`Record` travelling the batch path (re-driven, or partly refused by
+#: translation) has ``run`` and ``method`` None and is its own ``source``: it settles as a record.
+Entry = tuple[bytes, Hashable | None, "Run | None", "str | None", "KafkaMessage | Record", int]
+ELEMENT: Final = 0
+KEY: Final = 1
+RUN: Final = 2
+METHOD: Final = 3
+SOURCE: Final = 4
+WEIGHT: Final = 5
+
+
+@dataclass(slots=True, eq=False)
+class Consumed:
+    """What the intake hands over for one ``consume()`` batch on the batch path.
+
+    ``lots`` holds, per shop, the entries to send in consumption order; ``failed`` the records that failed
+    decoding or translating (each a :class:`Record`, to be dead-lettered); ``runs`` every partition run read.
+    """
+
+    runs: list[Run]
+    lots: dict[str, list[Entry]]
+    failed: list[Record]
