@@ -36,7 +36,7 @@ from consumer.clients import kafka_client_config
 from consumer.config import RelayConfig
 from consumer.deadletter import DeadLetterWriter
 from consumer.decode import build_decoders
-from consumer.deliver import make_dispatcher
+from consumer.deliver import BatchDispatcher, make_dispatcher
 from consumer.faults import FaultBoard
 from consumer.guard import DeadLetterGuard
 from consumer.handoff import Handoff
@@ -46,7 +46,7 @@ from consumer.interpreter import tune_interpreter
 from consumer.ledger import OffsetLedger
 from consumer.metrics import RelayMetrics, report_progress
 from consumer.probes import Probes
-from consumer.record import Record, TopicPartition
+from consumer.record import Consumed, Record, TopicPartition
 from consumer.redrive import Redrive
 from consumer.retry import Backoff
 from consumer.settle import Settler
@@ -171,6 +171,7 @@ class Relay:
             breakers=self.breakers,
             done=self.settler.done,
             done_many=self.settler.done_many,
+            delivered=self.settler.batch_delivered,
             owns=self.ledger.owns,
             releases=lambda: self.ledger.releases,
             metrics=self.metrics,
@@ -272,6 +273,14 @@ class Relay:
 
     def on_records(self, records: list[Record]) -> None:
         self.dispatcher.submit(self.settler.admit(records))
+
+    def on_consumed(self, consumed: Consumed) -> None:
+        """The batch path: a consume() batch as per-shop entries, and the records that failed."""
+        consumed = self.settler.admit_consumed(consumed)
+        for record in consumed.failed:
+            self.settler.done(record)
+        assert isinstance(self.dispatcher, BatchDispatcher)  # the intake hands lots over in batch mode only
+        self.dispatcher.submit_lots(consumed.lots)
 
     def on_assigned(self, partitions: list[tuple[TopicPartition, int]]) -> None:
         self.settler.assign(partitions)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from operator import itemgetter
 from typing import Protocol
 
 import structlog
@@ -41,7 +42,7 @@ from consumer.guard import SHOP_WIDE_STATUSES, DeadLetterGuard
 from consumer.handoff import Handoff
 from consumer.ledger import OffsetLedger
 from consumer.metrics import RelayMetrics
-from consumer.record import Record, TopicPartition
+from consumer.record import METHOD, RUN, SOURCE, WEIGHT, Consumed, Entry, Record, TopicPartition
 from consumer.retry import Backoff
 
 log = structlog.get_logger(__name__)
@@ -162,6 +163,30 @@ class Settler:
         self._publish_unsettled()
         return kept
 
+    def admit_consumed(self, consumed: Consumed) -> Consumed:
+        """The batch path's :meth:`admit`: track a consume() batch's runs; return what is still to deliver
+        (nothing after a halt; nothing of a run read under a generation since revoked)."""
+        if self.halt_reason is not None:
+            return Consumed([], {}, [])
+        if not self.ledger.track_runs(consumed.runs):
+            # A revoke came between reading and here (rare): keep what is still ours, entry by entry.
+            lots = {
+                shop: kept
+                for shop, entries in consumed.lots.items()
+                if (kept := [entry for entry in entries if _live(entry)])
+            }
+            consumed = Consumed(consumed.runs, lots, [r for r in consumed.failed if r.run and r.run.live])
+        feeds = self._feeds
+        for shop, entries in consumed.lots.items():
+            runs = set(map(_runs, entries))
+            runs.discard(None)
+            tps = {run.tp for run in runs}
+            if None in map(_runs, entries):
+                tps.update(entry[SOURCE].tp for entry in entries if entry[RUN] is None)  # type: ignore[union-attr]
+            feeds.setdefault(shop, set()).update(tps)
+        self._publish_unsettled()
+        return consumed
+
     # --- outcomes -------------------------------------------------------------------------------------
 
     def done(self, record: Record) -> None:
@@ -208,6 +233,32 @@ class Settler:
         shop = first.shop
         for method, count in Counter([call.method for r in delivered for call in r.calls]).items():
             metrics.calls[(shop or "", method, "delivered")] += count
+        if self._suspects and shop in self._suspects:
+            self._acquit(shop)
+
+    def batch_delivered(self, shop: str, entries: list[Entry]) -> None:
+        """A batch of ``shop`` was accepted: its entries taken whole from Kafka settle by run, together."""
+        counts = Counter(map(_runs, entries))
+        settled = self.ledger.settle_runs(counts)
+        if not settled:
+            return
+        self._publish_unsettled()
+        self.delivered += settled
+        self.guard.note_delivered(settled)
+        metrics = self._metrics
+        for run, count in counts.items():
+            if run.live:
+                metrics.settled[(run.tp[0], "delivered")] += count
+        weights = list(map(_weights, entries))
+        if sum(weights) == len(weights):
+            methods = Counter(map(_methods, entries))
+        else:
+            methods = Counter()
+            for entry, weight in zip(entries, weights, strict=True):
+                methods[entry[METHOD]] += weight
+        calls = metrics.calls
+        for method, count in methods.items():
+            calls[(shop, method, "delivered")] += count
         if self._suspects and shop in self._suspects:
             self._acquit(shop)
 
@@ -358,3 +409,15 @@ def describe_failure(record: Record) -> str:
         return f"{record.failure.stage}: {record.failure.reason}"
     failure = record.failed_calls[0]
     return f"deliver: {failure.method} {failure.reason}"
+
+
+_runs = itemgetter(RUN)
+_methods = itemgetter(METHOD)
+_weights = itemgetter(WEIGHT)
+
+
+def _live(entry: Entry) -> bool:
+    run = entry[RUN]
+    if run is None:
+        run = entry[SOURCE].run  # type: ignore[union-attr]
+    return run is not None and run.live

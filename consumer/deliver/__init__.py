@@ -36,7 +36,7 @@ from typing import Protocol
 
 from consumer.breaker import CircuitBreaker
 from consumer.config import DeliveryConfig, TrackingConfig
-from consumer.deliver.batching import BatchDispatcher
+from consumer.deliver.batching import BatchDispatcher, DeliveredEntries
 from consumer.deliver.caller import Clock, Done, DoneMany, Owns, Sleep
 from consumer.deliver.single import SingleDispatcher
 from consumer.metrics import RelayMetrics
@@ -73,12 +73,14 @@ def make_dispatcher(
     done: Done,
     owns: Owns,
     done_many: DoneMany | None = None,
+    delivered: DeliveredEntries | None = None,
     releases: Callable[[], int] | None = None,
     clock: Clock = time.monotonic,
     sleep: Sleep = asyncio.sleep,
     metrics: RelayMetrics | None = None,
 ) -> Dispatcher:
-    """The dispatcher of ``delivery.mode``; ``done_many`` and ``releases`` only matter in batch mode.
+    """The dispatcher of ``delivery.mode``; ``done_many``, ``delivered`` and ``releases`` only matter in
+    batch mode.
 
     ``clock`` must be the clock the client's rate limiters run on (monotonic by default). ``releases``
     counts the partitions released so far (``OffsetLedger.releases``), see :class:`BatchDispatcher`.
@@ -93,6 +95,7 @@ def make_dispatcher(
             done=done,
             owns=owns,
             done_many=done_many,
+            delivered=delivered,
             releases=releases,
             clock=clock,
             sleep=sleep,

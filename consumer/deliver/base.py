@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections import deque
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Mapping
 from typing import Generic, TypeVar
 
 from consumer.breaker import CircuitBreaker
 from consumer.config import DeliveryConfig, TrackingConfig
 from consumer.deliver.caller import Caller, Clock, Done, Owns, Sleep, ordering_key
 from consumer.metrics import RelayMetrics
-from consumer.record import Record
 from consumer.retry import Backoff
 from consumer.tracking import TrackingClient
 
@@ -21,7 +19,7 @@ Work = TypeVar("Work")
 
 
 class DispatcherBase(ABC, Generic[Work]):
-    """Records in through :meth:`submit`, work out through a queue served by ``pool`` tasks."""
+    """Work out through a queue served by ``pool`` tasks; each class takes its records in its own way."""
 
     def __init__(
         self,
@@ -46,8 +44,6 @@ class DispatcherBase(ABC, Generic[Work]):
         self._caller = Caller(client, backoff, breakers, owns, clock, sleep, metrics or RelayMetrics())
         self._pool = pool
         self._tasks: list[asyncio.Task[None]] = []
-        # ordering key -> records of that key waiting for the key's in-flight work to finish
-        self._waiting: dict[Hashable, deque[Record]] = {}
         # work ready for the pool
         self._queue: asyncio.Queue[Work] = asyncio.Queue()
         # shop -> work waiting, without a sender, for the shop's retrying call to be done
@@ -66,21 +62,6 @@ class DispatcherBase(ABC, Generic[Work]):
 
     def flush(self) -> None:
         """Send whatever waits for more company now (shutdown and revoke); nothing does by default."""
-
-    # --- intake side ---------------------------------------------------------------------------------
-
-    def submit(self, records: Iterable[Record]) -> None:
-        """Take freshly consumed records (already tracked by the ledger), in consumption order."""
-        place, key_of, done = self._place, self._key_of, self._done
-        for record in records:
-            if record.failure is not None or not record.payloads:
-                done(record)  # nothing to send: straight to settlement (dead-letter or done)
-            else:
-                place(record, key_of(record))
-
-    @abstractmethod
-    def _place(self, record: Record, key: Hashable | None) -> None:
-        """Queue a record with calls to send, behind the work of its ordering key already in flight."""
 
     @abstractmethod
     async def _serve(self) -> None:

@@ -9,8 +9,8 @@ alone waits for the shop: another call of the shop that gets a transient answer 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Hashable, Mapping
-from typing import Final
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from typing import Final, Protocol
 
 import structlog
 
@@ -29,6 +29,18 @@ DoneMany = Callable[[list[Record]], None]
 Owns = Callable[[Record], bool]
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[object]]
+
+
+class Tries(Protocol):
+    """What a call's retries are counted on: a record, or a batch on the batch path."""
+
+    tp: tuple[str, int]
+    offset: int
+    attempts: int
+    first_failure: float | None
+
+    def note_failure(self, now: float) -> None: ...
+
 
 #: A ``Transient`` outcome that outlived ``retry.max_age_s`` is reported with this reason.
 EXPIRED: Final = "transient failure outlived retry.max_age_s"
@@ -87,12 +99,16 @@ class Caller:
         method: str,
         payload: bytes,
         timeout: float,
-        records: list[Record],
+        records: Sequence[Tries],
         events: int = 1,
         *,
         may_step_aside: bool = False,
+        owned: Callable[[], bool] | None = None,
     ) -> Outcome | _SteppedAside | None:
         """Send until the answer is final. ``None`` when every record was revoked meanwhile.
+
+        ``records``: what the attempts are counted on; ``owned``: whether any of the work is still ours
+        (by default, whether any of ``records`` is).
 
         ``events``: how many events the payload carries (a batch's size, for its metric).
         ``may_step_aside``: on a transient answer while another call of the shop is retrying, return
@@ -122,13 +138,15 @@ class Caller:
                     retrier = shop not in self.retrying
                     self.retrying.add(shop)
                 await self._wait_to_retry(shop, method, outcome, records)
-                if not any(self.owns(record) for record in records):
+                if not (owned() if owned is not None else any(map(self.owns, records))):  # type: ignore[arg-type]
                     return None  # the partitions were revoked while we waited; the next owner sends them
         finally:
             if retrier:
                 self.retrying.discard(shop)
 
-    async def _wait_to_retry(self, shop: str, method: str, outcome: Transient, records: list[Record]) -> None:
+    async def _wait_to_retry(
+        self, shop: str, method: str, outcome: Transient, records: Sequence[Tries]
+    ) -> None:
         attempt = records[0].attempts
         delay = self.backoff.delay(attempt, outcome.retry_after)
         if outcome.retry_after is not None:

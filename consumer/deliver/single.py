@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 
 from consumer.breaker import CircuitBreaker
 from consumer.config import DeliveryConfig, TrackingConfig
@@ -59,6 +59,17 @@ class SingleDispatcher(DispatcherBase[Record]):
         )
         # the keys with a record in flight (or parked)
         self._busy: set[Hashable] = set()
+        # ordering key -> records of that key waiting for the key's record in flight to finish
+        self._waiting: dict[Hashable, deque[Record]] = {}
+
+    def submit(self, records: Iterable[Record]) -> None:
+        """Take freshly consumed records (already tracked by the ledger), in consumption order."""
+        place, key_of, done = self._place, self._key_of, self._done
+        for record in records:
+            if record.failure is not None or not record.payloads:
+                done(record)  # nothing to send: straight to settlement (dead-letter or done)
+            else:
+                place(record, key_of(record))
 
     def _place(self, record: Record, key: Hashable | None) -> None:
         if key is None:
