@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Hashable, Mapping
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Protocol
 
@@ -37,13 +37,14 @@ from consumer.commit import Committer
 from consumer.config import DeliveryMode, Settings, UnknownEventPolicy
 from consumer.contract import TrackingCall
 from consumer.decode import Decoder, DomainEvent, UnknownEventType
+from consumer.deliver.envelope import PREFIXES, SUFFIX
 from consumer.deliver.envelope import encode as envelope
 from consumer.errors import DecodeError, PermanentError, RegistryUnavailable, TranslateError
 from consumer.faults import FaultBoard
 from consumer.handoff import Handoff
 from consumer.logs import KafkaLog
 from consumer.metrics import RelayMetrics
-from consumer.record import CallFailure, Record, TopicPartition
+from consumer.record import CallFailure, Consumed, Entry, Record, Run, TopicPartition
 from consumer.redrive import RedrivePlan
 from consumer.retry import Backoff
 from consumer.translate import Translator
@@ -67,6 +68,7 @@ class IntakeListener(Protocol):
     """What the intake thread asks of the event loop side (all called on the loop)."""
 
     def on_records(self, records: list[Record]) -> None: ...
+    def on_consumed(self, consumed: Consumed) -> None: ...
     def on_assigned(self, partitions: list[tuple[TopicPartition, int]]) -> None: ...
     def on_lost(self, partitions: list[TopicPartition]) -> None: ...
     def release(
@@ -132,6 +134,10 @@ class Intake:
         self._listener = listener
         self._consumer_factory = consumer_factory
         self._mode: DeliveryMode = settings.delivery.mode
+        self._ordering = settings.delivery.ordering
+        # Batch mode reads whole consume() batches into per-shop entries (_prepare_lots); single mode and a
+        # re-drive make a Record of every record.
+        self._batch_path = self._mode == "batch" and redrive is None
         self._unknown: UnknownEventPolicy = settings.delivery.unknown_event
         self._cap = settings.delivery.max_in_flight_records
         self._backoff = Backoff(settings.retry)
@@ -209,10 +215,16 @@ class Intake:
         messages = self._fetch(consumer)
         if self._lag_refresh_due:
             self._refresh_paused_lag(consumer)
-        if messages:
-            records = self._prepare(consumer, messages)
-            if records:
-                self._handoff.to_loop(self._listener.on_records, records)
+        if not messages:
+            return
+        if self._batch_path:
+            consumed = self._prepare_lots(consumer, messages)
+            if consumed.runs:
+                self._handoff.to_loop(self._listener.on_consumed, consumed)
+            return
+        records = self._prepare(consumer, messages)
+        if records:
+            self._handoff.to_loop(self._listener.on_records, records)
 
     def _fetch(self, consumer: Consumer) -> list[Message]:
         """What the consumer holds now, up to a batch; when it holds nothing, the first record to come (within
@@ -297,17 +309,138 @@ class Intake:
                 record.failure = DecodeError(_unexpected("preparing", exc))
             records.append(record)
             counts[tp[0]] = counts.get(tp[0], 0) + 1
+        self._after_prepare(retrying, {record.tp for record in records}, len(records), counts)
+        return records
+
+    def _after_prepare(
+        self, retrying: set[TopicPartition], read: set[TopicPartition], count: int, counts: dict[str, int]
+    ) -> None:
         if self._decode_retry:
             # The registry answered for these partitions again (unless a later record of one failed).
-            for tp in {record.tp for record in records} - retrying:
+            for tp in read - retrying:
                 self._decode_retry.pop(tp, None)
             if not self._decode_retry:
                 self.faults.clear("registry", event="intake.registry_back")
-        self._handoff.consumed += len(records)
+        self._handoff.consumed += count
         consumed = self._metrics.consumed
-        for name, count in counts.items():
-            consumed[name] += count
-        return records
+        for name, topic_count in counts.items():
+            consumed[name] += topic_count
+
+    def _prepare_lots(self, consumer: Consumer, messages: list[Message]) -> Consumed:
+        """Batch mode: a consume() batch, decoded and translated straight into per-shop entries.
+
+        The common record becomes one tuple (``consumer.record.Entry``) holding its envelope bytes, its
+        ordering key, its run and its message; no :class:`Record` is made of it unless a call of it fails
+        later. A record that fails decoding or translating, or whose translation refused some of its calls,
+        is a Record from the start, counted in its run like the others. A record that implies no call (an
+        unknown type skipped) is counted in no run: it settles as its run is read.
+        """
+        runs: list[Run] = []
+        lots: dict[str, list[Entry]] = {}
+        failed: list[Record] = []
+        retrying: set[TopicPartition] = set()
+        decoders, translate = self._decoders, self._translator.translate_partial
+        by_key, by_partition = self._ordering == "key", self._ordering == "partition"
+        dumps, prefixes = orjson.dumps, PREFIXES
+        topic: str | None = None
+        partition: int | None = None
+        tp: TopicPartition = ("", -1)
+        decoder: Decoder | None = None
+        run: Run | None = None
+        read = 0
+        # records read per topic, added up as the topic changes (a per-record count costs more)
+        counts: dict[str, int] = {}
+        counted: str | None = None
+        counted_from = 0
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                self._consume_error(error)
+                continue
+            if message.partition() != partition or message.topic() != topic:
+                # consume() returns runs of one partition: a Run per run, its coordinates looked up once.
+                topic, partition = message.topic(), message.partition()
+                tp = (topic, partition)  # type: ignore[assignment]
+                decoder = decoders[topic]  # type: ignore[index]
+                offset: int = message.offset()  # type: ignore[assignment]
+                run = Run(tp, self._generation.get(tp, 0), offset, offset)
+                runs.append(run)
+                if topic != counted:
+                    if counted is not None:
+                        counts[counted] = counts.get(counted, 0) + read - counted_from
+                    counted, counted_from = topic, read
+            if retrying and tp in retrying:
+                continue  # an earlier record of this partition is waiting for the registry: re-read later
+            assert run is not None
+            assert decoder is not None
+            offset = message.offset()  # type: ignore[assignment]
+            try:
+                event = decoder.decode(message.value(), message.headers())
+                calls, rejected = translate(event)
+            except RegistryUnavailable as exc:
+                retrying.add(tp)
+                self._retry_decode_later(consumer, tp, offset, exc)
+                continue
+            except Exception:  # noqa: BLE001 - the record's own failure: found and classified one by one
+                run.end = offset + 1
+                read += 1
+                record = self._failed_record(run, offset, message)
+                if record is not None:
+                    run.open += 1
+                    run.records.append(record)
+                    failed.append(record)
+                continue
+            run.end = offset + 1
+            read += 1
+            if not calls:
+                continue  # nothing to send: it settles as its run does
+            run.open += 1
+            shop = calls[0].shop
+            key: Hashable | None = message.key() if by_key else (tp if by_partition else None)
+            if rejected:
+                record = Record(tp, offset, run.generation, message.key(), message, run=run)
+                run.records.append(record)
+                self._translate(record, event, frozenset())
+                entry: Entry = (b",".join(record.payloads), key, None, None, record, len(record.payloads))
+            elif len(calls) == 1:
+                call = calls[0]
+                method = call.method
+                entry = (prefixes[method] + dumps(call.body) + SUFFIX, key, run, method, message, 1)
+            else:
+                # Orders: one call per product, all of one method.
+                entry = (
+                    b",".join([envelope(c) for c in calls]),
+                    key,
+                    run,
+                    calls[0].method,
+                    message,
+                    len(calls),
+                )
+            lot = lots.get(shop)
+            if lot is None:
+                lot = lots[shop] = []
+            lot.append(entry)
+        if counted is not None:
+            counts[counted] = counts.get(counted, 0) + read - counted_from
+        runs = [run for run in runs if run.end > run.first]  # a run cut at its first record (the registry)
+        self._after_prepare(retrying, {run.tp for run in runs}, read, counts)
+        return Consumed(runs, lots, failed)
+
+    def _failed_record(self, run: Run, offset: int, message: Message) -> Record | None:
+        """The record that decoding or translating refused, with its failure; None when it is to be skipped.
+
+        Decoded and translated again through the per-record path, which classifies each failure."""
+        record = Record(run.tp, offset, run.generation, message.key(), message, run=run)
+        try:
+            self._decode_and_translate(record, message)
+        except RegistryUnavailable as exc:  # the registry failed between the two reads: a surprise, too
+            record.failure = DecodeError(_unexpected("decoding", exc))
+        if record.failure is None and not record.failed_calls and not record.payloads:
+            return None  # an unknown type under unknown_event = "skip"
+        if record.failure is None and record.payloads:
+            # A surprise the second read did not repeat: dead-letter it rather than guess.
+            record.failure = DecodeError("the record could not be prepared for the batch path")
+        return record
 
     def _redrive_record(self, record: Record, message: Message) -> None:
         assert self._redrive is not None
