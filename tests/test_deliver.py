@@ -13,9 +13,9 @@ import pytest
 from consumer.breaker import CircuitBreaker
 from consumer.config import DeliveryConfig, RetryConfig, TrackingConfig
 from consumer.contract import TrackingCall
-from consumer.deliver import make_dispatcher
+from consumer.deliver import BatchDispatcher, envelope, make_dispatcher
 from consumer.ratelimit import TokenBucket
-from consumer.record import Record
+from consumer.record import Entry, Record, Run
 from consumer.retry import Backoff
 from consumer.tracking import Delivered, Outcome, Permanent, Transient
 
@@ -225,3 +225,150 @@ def test_a_batch_sent_with_no_release_since_it_opened_checks_no_records_ownershi
     assert [event["view"]["productId"] for event in client.requests[0][1]] == list(range(10))
     assert len(settled) == 10
     assert owns_calls == 0
+
+
+# --- the batch path: entries taken whole from Kafka ---------------------------------------------------
+
+
+class KafkaMessage:
+    """What the dispatcher reads of a message: its offset and key (for a Record made of it)."""
+
+    def __init__(self, offset: int, key: bytes) -> None:
+        self._offset, self._key = offset, key
+
+    def offset(self) -> int:
+        return self._offset
+
+    def key(self) -> bytes:
+        return self._key
+
+
+def make_entries(run: Run, sessions: list[str]) -> list[Entry]:
+    """One entry per offset of ``run``, as intake builds them: envelope bytes, key, run, method, message."""
+    entries: list[Entry] = []
+    for offset, session in zip(range(run.first, run.end), sessions, strict=True):
+        call = TrackingCall("demo", "view", {"sessionExternalId": session, "productId": offset})
+        entries.append((envelope.encode(call), session.encode(), run, "view", KafkaMessage(offset, b"k"), 1))
+    run.open = len(entries)
+    return entries
+
+
+async def run_entries(
+    client: FakeClient, lots: list[list[Entry]], **delivery: Any
+) -> tuple[list[tuple[str, list[Entry]]], list[Record]]:
+    """Hand ``lots`` (one consume() batch each) to a batch dispatcher; wait until every entry is reported."""
+    delivered: list[tuple[str, list[Entry]]] = []
+    done: list[Record] = []
+    total = sum(map(len, lots))
+
+    def reported() -> int:
+        return sum(len(entries) for _, entries in delivered) + len(done)
+
+    dispatcher = make_dispatcher(
+        client,
+        DeliveryConfig(mode="batch", **delivery),
+        TrackingConfig(),
+        Backoff(RetryConfig(base_s=0.001, cap_s=0.002)),  # type: ignore[arg-type]
+        breakers={"demo": CircuitBreaker("demo", threshold=1000, probe_base_s=1, probe_cap_s=1)},
+        done=done.append,
+        done_many=done.extend,
+        delivered=lambda shop, entries: delivered.append((shop, entries)),
+        owns=lambda record: True,
+    )
+    assert isinstance(dispatcher, BatchDispatcher)
+    dispatcher.start()
+    for lot in lots:
+        dispatcher.submit_lots({"demo": lot})
+        await asyncio.sleep(0)  # let the senders run between consume() batches
+    async with asyncio.timeout(30):
+        while reported() < total:
+            await asyncio.sleep(0.001)  # the poll interval of a deadline-bounded wait (noqa: sleep-ok)
+    await dispatcher.close()
+    return delivered, done
+
+
+def test_entries_are_delivered_in_order_per_visitor_and_reported_once_by_batch() -> None:
+    rng = random.Random(5)
+    sessions = [f"s{i}" for i in range(12)]
+    runs = [Run(("t", i % 2), 1, 100 * i, 100 * i + 40) for i in range(8)]
+    lots = [make_entries(run, [rng.choice(sessions) for _ in range(40)]) for run in runs]
+    client = FakeClient()
+    delivered, done = asyncio.run(
+        run_entries(client, lots, batch_max_events=15, batch_linger_ms=1, max_concurrent_batches=4)
+    )
+    assert done == [], "no Record is made of an entry whose batch was accepted"
+    reported = [entry for _, entries in delivered for entry in entries]
+    assert sorted(id(entry) for entry in reported) == sorted(id(entry) for lot in lots for entry in lot)
+    expected: dict[str, list[int]] = {}
+    for lot in lots:
+        for entry in lot:
+            body = orjson.loads(entry[0])["view"]
+            expected.setdefault(body["sessionExternalId"], []).append(body["productId"])
+    assert sent_order(client) == expected
+    assert client.overlaps == [], "a visitor was in two requests at once"
+    assert max(len(body) for _, body in client.requests) <= 15
+
+
+def test_a_refused_batch_of_entries_becomes_records_of_them_with_the_batch_attempts() -> None:
+    answers = iter([Transient(503, "HTTP 503", None)])
+
+    def answer(method: str, body: Any) -> Outcome:
+        if method == "visitorEvents":
+            return next(answers, Permanent(400, "HTTP 400 Bad Request"))
+        return Permanent(400, "HTTP 400 Bad Request") if body["productId"] == 3 else Delivered()
+
+    run = Run(("t", 0), 1, 0, 6)
+    entries = make_entries(run, [f"s{i}" for i in range(6)])
+    client = FakeClient(answer)
+    delivered, done = asyncio.run(run_entries(client, [entries], batch_linger_ms=20))
+    assert delivered == []
+    assert sorted(record.offset for record in done) == list(range(6))
+    assert {record.attempts for record in done} == {1}, "the batch's transient answer counts for each"
+    assert all(record.run is run and record.tp == ("t", 0) and record.shop == "demo" for record in done)
+    assert sorted(run.records, key=lambda r: r.offset) == sorted(done, key=lambda r: r.offset), (
+        "each settles as a record of its run now"
+    )
+    failed = {r.offset: [(f.index, f.status) for f in r.failed_calls] for r in done if r.failed_calls}
+    assert failed == {3: [(0, 400)]}
+    (bad,) = (record for record in done if record.offset == 3)
+    assert bad.calls == [TrackingCall("demo", "view", {"sessionExternalId": "s3", "productId": 3})]
+    singles = [body["productId"] for method, body in client.requests if method == "view"]
+    assert sorted(singles) == list(range(6))
+
+
+def test_entries_of_a_run_released_before_their_batch_left_are_not_sent() -> None:
+    async def scenario() -> tuple[FakeClient, list[tuple[str, list[Entry]]]]:
+        client = FakeClient()
+        delivered: list[tuple[str, list[Entry]]] = []
+        releases = [0]
+        dispatcher = make_dispatcher(
+            client,
+            DeliveryConfig(mode="batch", batch_linger_ms=10_000),
+            TrackingConfig(),
+            Backoff(RetryConfig(base_s=0.001, cap_s=0.002)),  # type: ignore[arg-type]
+            breakers={"demo": CircuitBreaker("demo", threshold=1000, probe_base_s=1, probe_cap_s=1)},
+            done=lambda record: None,
+            delivered=lambda shop, entries: delivered.append((shop, entries)),
+            owns=lambda record: True,
+            releases=lambda: releases[0],
+        )
+        assert isinstance(dispatcher, BatchDispatcher)
+        dispatcher.start()
+        kept, revoked = Run(("t", 0), 1, 0, 3), Run(("t", 1), 1, 0, 3)
+        dispatcher.submit_lots(
+            {"demo": make_entries(kept, ["a", "b", "c"]) + make_entries(revoked, ["d", "e", "f"])}
+        )
+        revoked.live = False  # what the ledger does as it releases the partition
+        releases[0] += 1
+        dispatcher.flush()
+        async with asyncio.timeout(10):
+            while not delivered:
+                await asyncio.sleep(0.001)  # the poll interval of a deadline-bounded wait (noqa: sleep-ok)
+        await dispatcher.close()
+        return client, delivered
+
+    client, delivered = asyncio.run(scenario())
+    ((_, body),) = client.requests
+    assert [event["view"]["sessionExternalId"] for event in body] == ["a", "b", "c"]
+    ((_, entries),) = delivered
+    assert {entry[2].tp for entry in entries if entry[2] is not None} == {("t", 0)}

@@ -16,7 +16,8 @@ from structlog.testing import capture_logs
 
 from consumer.config import Settings, ShopConfig
 from consumer.decode import DomainEvent
-from consumer.errors import DecodeError, TranslateError
+from consumer.deliver.envelope import encode as envelope
+from consumer.errors import DecodeError, RegistryUnavailable, TranslateError
 from consumer.faults import REMIND_EVERY_S, FaultBoard
 from consumer.handoff import Handoff
 from consumer.intake import Intake, _brokers_answering
@@ -34,8 +35,8 @@ VIEW = DomainEvent(
 class Message:
     """The parts of ``confluent_kafka.Message`` that intake reads (it cannot be built in Python)."""
 
-    def __init__(self, offset: int, value: bytes) -> None:
-        self._offset, self._value = offset, value
+    def __init__(self, offset: int, value: bytes, partition: int = 0) -> None:
+        self._offset, self._value, self._partition = offset, value, partition
 
     def error(self) -> None:
         return None
@@ -44,7 +45,7 @@ class Message:
         return "events"
 
     def partition(self) -> int:
-        return 0
+        return self._partition
 
     def offset(self) -> int:
         return self._offset
@@ -63,12 +64,29 @@ class Message:
 
 
 class Decoder:
-    """Decodes b"ok" to a view; anything else raises the kind of error a library bug would."""
+    """Decodes b"ok" to a view, b"registry down" as the registry being unreachable; anything else raises the
+    kind of error a library bug would."""
 
     def decode(self, value: bytes | None, headers: object = None) -> DomainEvent:
         if value == b"ok":
             return VIEW
+        if value == b"registry down":
+            raise RegistryUnavailable("connection refused")
         return {}[value]  # type: ignore[index, no-any-return]  # a KeyError no stage anticipated
+
+
+class Consumer:
+    """The two calls intake makes of the consumer when the registry is down: pause and rewind."""
+
+    def __init__(self) -> None:
+        self.paused: list[tuple[int, int]] = []
+        self.seeks: list[tuple[int, int]] = []
+
+    def pause(self, partitions: list[Any]) -> None:
+        self.paused += [(p.partition, p.offset) for p in partitions]
+
+    def seek(self, partition: Any) -> None:
+        self.seeks.append((partition.partition, partition.offset))
 
 
 class BrokenTranslator(Translator):
@@ -199,3 +217,61 @@ def test_a_fault_says_how_long_it_has_lasted_until_it_clears() -> None:
         assert board.lasting("kafka") == 42
         board.clear("kafka", event="back")
     assert board.lasting("kafka") is None
+
+
+# --- the batch path: a consume() batch straight into per-shop entries --------------------------------
+
+
+def test_the_batch_path_makes_entries_one_run_per_partition_run_and_a_record_only_of_a_failure(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    messages = [Message(0, b"ok"), Message(1, b"ok"), Message(0, b"ok", 1), Message(2, b"boom")]
+    consumed = intake(loop)._prepare_lots(None, messages)  # type: ignore[arg-type]
+    runs = [(run.tp, run.first, run.end, run.open) for run in consumed.runs]
+    assert runs == [(("events", 0), 0, 2, 2), (("events", 1), 0, 1, 1), (("events", 0), 2, 3, 1)]
+    (entries,) = consumed.lots.values()
+    (call,) = Translator({"demo": ShopConfig(partner_id="p", api_key=SecretStr("k"))}).translate(VIEW)
+    assert [entry[0] for entry in entries] == [envelope(call)] * 3, "the envelope, built once, in intake"
+    first, other, last = consumed.runs
+    assert [(entry[2], entry[4]) for entry in entries] == [
+        (first, messages[0]),
+        (first, messages[1]),
+        (other, messages[2]),
+    ], "each entry settles with its run, its message kept for a dead letter"
+    assert [entry[5] for entry in entries] == [1, 1, 1]
+    (failed,) = consumed.failed
+    assert (failed.tp, failed.offset, failed.run) == (("events", 0), 2, last)
+    assert isinstance(failed.failure, DecodeError)
+    assert last.records == [failed], "a Record of the run: the position can stop exactly at it"
+    assert first.records == []
+    assert other.records == []
+
+
+def test_a_registry_outage_on_the_batch_path_stops_its_partition_at_the_record_and_no_other(
+    loop: asyncio.AbstractEventLoop,
+) -> None:
+    relay_intake = intake(loop)
+    consumer = Consumer()
+    messages = [
+        Message(0, b"ok"),
+        Message(1, b"registry down"),
+        Message(2, b"ok"),  # behind the record that waits: read again after the rewind, not now
+        Message(0, b"ok", 1),
+        Message(3, b"ok"),  # a later run of the waiting partition in the same batch: skipped whole
+    ]
+    with capture_logs():
+        consumed = relay_intake._prepare_lots(consumer, messages)  # type: ignore[arg-type]
+    assert [(run.tp[1], run.first, run.end, run.open) for run in consumed.runs] == [
+        (0, 0, 1, 1),
+        (1, 0, 1, 1),
+    ]
+    (entries,) = consumed.lots.values()
+    assert [entry[4] for entry in entries] == [messages[0], messages[3]]
+    assert consumed.failed == [], "a registry outage is systemic: nothing is dead-lettered"
+    assert consumer.seeks == [(0, 1)], "rewound to the waiting record"
+    assert consumer.paused == [(0, 1)]
+    assert relay_intake.faults.lasting("registry") is not None
+    with capture_logs():
+        again = relay_intake._prepare_lots(consumer, [Message(1, b"ok"), Message(2, b"ok")])  # type: ignore[arg-type]
+    assert [(run.first, run.end, run.open) for run in again.runs] == [(1, 3, 2)]
+    assert relay_intake.faults.lasting("registry") is None, "the registry answered for the partition again"

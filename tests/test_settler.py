@@ -24,7 +24,7 @@ from consumer.guard import DeadLetterGuard
 from consumer.handoff import Handoff
 from consumer.ledger import OffsetLedger
 from consumer.metrics import RelayMetrics
-from consumer.record import CallFailure, Record, TopicPartition
+from consumer.record import CallFailure, Consumed, Entry, Record, Run, TopicPartition
 from consumer.retry import Backoff
 from consumer.settle import Settler
 
@@ -309,3 +309,97 @@ def test_an_open_breaker_holds_exactly_the_partitions_that_feed_its_shop(h: Harn
     assert h.handoff.held == frozenset({TP})
     breaker.record(transient=False, probe=True)
     assert h.handoff.held == frozenset()
+
+
+# --- the batch path: runs and entries ----------------------------------------------------------------
+
+
+def consumed_run(h: Harness, first: int, end: int, *, tp: TopicPartition = TP) -> tuple[Run, list[Entry]]:
+    """A partition run read in one consume() batch, tracked, and its entries (one view each)."""
+    run = Run(tp, 1, first, end, end - first)
+    entries: list[Entry] = [(b"{}", None, run, "view", None, 1) for _ in range(first, end)]  # type: ignore[misc]
+    h.settler.admit_consumed(Consumed([run], {"demo": entries}, []))
+    return run, entries
+
+
+def test_a_delivered_batch_settles_by_run_and_commits_each_runs_end(h: Harness) -> None:
+    _, early = consumed_run(h, 10, 14)
+    _, other = consumed_run(h, 0, 3, tp=OTHER)
+    assert h.handoff.unsettled == {TP: 4, OTHER: 3}
+    h.settler.batch_delivered("demo", early[:2] + other)
+    assert h.committable() == {OTHER: 3}, "a run half delivered holds its partition at its first offset"
+    h.settler.batch_delivered("demo", early[2:])
+    assert h.committable() == {TP: 14}
+    assert h.handoff.unsettled == {TP: 0, OTHER: 0}
+    assert h.settler.delivered == 7
+    assert h.metrics.settled[("events", "delivered")] == 7
+    assert h.metrics.calls[("demo", "view", "delivered")] == 7
+
+
+def test_an_entry_carrying_several_calls_counts_each_call_and_settles_once(h: Harness) -> None:
+    run = Run(TP, 1, 0, 2, 2)
+    entries: list[Entry] = [
+        (b"{},{}", None, run, "order", None, 2),  # type: ignore[list-item]  # an order of two products
+        (b"{}", None, run, "view", None, 1),  # type: ignore[list-item]
+    ]
+    h.settler.admit_consumed(Consumed([run], {"demo": entries}, []))
+    h.settler.batch_delivered("demo", entries)
+    assert h.settler.delivered == 2, "records, not calls"
+    assert h.metrics.calls[("demo", "order", "delivered")] == 2
+    assert h.metrics.calls[("demo", "view", "delivered")] == 1
+    assert h.committable() == {TP: 2}
+
+
+def test_a_batch_delivered_after_its_run_was_revoked_commits_nothing(h: Harness) -> None:
+    _, entries = consumed_run(h, 5, 8)
+    assert h.settler.release([TP]) == {TP: 5}, "the revoke commits up to the run, not into it"
+    h.assign(TP, generation=2)
+    h.settler.batch_delivered("demo", entries)  # the old generation's answer arrives late
+    assert h.committable() == {}
+    assert h.settler.delivered == 0
+
+
+def test_a_run_read_before_a_revoke_is_not_admitted(h: Harness) -> None:
+    run = Run(TP, 1, 0, 2, 2)
+    entries: list[Entry] = [(b"{}", None, run, "view", None, 1)] * 2  # type: ignore[list-item]
+    h.settler.release([TP])
+    h.assign(TP, generation=2)
+    admitted = h.settler.admit_consumed(Consumed([run], {"demo": entries}, []))
+    assert admitted.lots == {}, "the next owner reads it again"
+    assert not run.live
+
+
+def test_an_entry_refused_in_its_batch_holds_the_position_exactly_at_it_until_dead_lettered(
+    h: Harness,
+) -> None:
+    run, entries = consumed_run(h, 10, 15)
+    refused_entry = refused(12, 400)  # the Record the dispatcher makes of an entry whose batch was refused
+    refused_entry.run = run
+    run.records.append(refused_entry)
+    h.settler.batch_delivered("demo", entries[:2] + entries[3:])
+    assert h.committable() == {TP: 12}, "committed up to the refused record, exactly"
+    h.settler.done_many([refused_entry])
+    assert h.sink.sent == [refused_entry]
+    assert h.committable() == {}
+    h.settler.dead_letter_written(refused_entry)
+    assert h.committable() == {TP: 15}
+    assert h.settler.delivered == 4
+    assert h.settler.dead_lettered == 1
+
+
+def test_a_delivered_batch_proves_its_shops_key_and_acquits_a_suspect(h: Harness) -> None:
+    (suspect,) = h.admit(refused(1, 401, tp=OTHER))
+    h.settler.done(suspect)
+    assert h.settler.suspect_count == 1
+    _, entries = consumed_run(h, 0, 2)
+    h.settler.batch_delivered("demo", entries)
+    assert h.sink.sent == [suspect], "the shop's key works: the suspect failed on its own"
+    assert h.settler.suspect_count == 0
+
+
+def test_an_open_breaker_holds_the_partition_whose_run_fed_its_shop(h: Harness) -> None:
+    consumed_run(h, 0, 1, tp=OTHER)
+    breaker = h.breakers["demo"]
+    breaker.record(transient=True, probe=False)
+    breaker.record(transient=True, probe=False)
+    assert h.handoff.held == frozenset({OTHER}), "the partition whose run fed the shop is held"
