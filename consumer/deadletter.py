@@ -202,6 +202,8 @@ class DeadLetterWriter:
         """Flush what is queued, then destroy the producer (never left to the garbage collector); return how
         many writes were still unconfirmed (purged: their records were never settled, so never committed)."""
         remaining: int = self._producer.flush(timeout_s)
+        if remaining:
+            log.warning("deadletter.unconfirmed_at_close", count=remaining)
         self._running = False
         self._poller.join(timeout=5.0)
         if self._poller.is_alive():

@@ -36,7 +36,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Histogram, disable_created_metrics
@@ -44,6 +44,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from consumer import __version__
+
+if TYPE_CHECKING:
+    from consumer.breaker import CircuitBreaker
+    from consumer.handoff import Handoff
 
 log = structlog.get_logger(__name__)
 
@@ -62,6 +66,14 @@ class Gauges:
     breakers: Callable[[], Mapping[str, bool]] = dict
     lag: Callable[[], Mapping[TopicPartition, int]] = dict
     commit_times: Callable[[], Mapping[TopicPartition, float]] = dict
+
+    def watch(self, handoff: Handoff, breakers: Mapping[str, CircuitBreaker]) -> None:
+        """Read the live state where the loop reads it: the hand-off's fields and the shops' breakers."""
+        self.in_flight = lambda: sum(handoff.unsettled.values())
+        self.partitions = lambda: len(handoff.assigned)
+        self.breakers = lambda: {shop: breaker.state == "open" for shop, breaker in breakers.items()}
+        self.lag = lambda: handoff.lag
+        self.commit_times = lambda: handoff.commit_times
 
 
 @dataclass

@@ -7,6 +7,7 @@ each read is one attribute, never a structure another thread changes in place.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping
 from typing import Final
@@ -15,7 +16,9 @@ from consumer.breaker import CircuitBreaker
 from consumer.faults import FaultBoard
 from consumer.handoff import Handoff
 
-#: /healthz turns red when the loop has not ticked for this long (a tick is due every second).
+#: How often the event loop ticks (:meth:`Probes.beat`).
+HEARTBEAT_EVERY_S: Final = 1.0
+#: /healthz turns red when the loop has not ticked for this long.
 HEARTBEAT_STALE_S: Final = 10.0
 
 
@@ -38,6 +41,12 @@ class Probes:
         self.heartbeat = time.monotonic()
         #: Set once the relay is shutting down (written by the loop only).
         self.stopping = False
+
+    async def beat(self) -> None:
+        """The loop's heartbeat task: a loop that stops ticking (blocked, or starved) fails liveness."""
+        while True:
+            self.heartbeat = time.monotonic()
+            await asyncio.sleep(HEARTBEAT_EVERY_S)
 
     def liveness(self) -> list[str]:
         """What makes this process dead: a stuck event loop, or an intake thread that stopped polling."""

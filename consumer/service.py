@@ -3,17 +3,17 @@
 ::
 
     intake thread                  │ handoff │  event loop
-    ─────────────                  │         │  ──────────
-    consume ─► decode ─► translate ─► records ─► Settler.admit ─► Dispatcher ─► Settler.done ─► ledger
-                                                                                    └─► dead-letter topic
-    commit ◄─────────────────────────── positions ◄────────────────────────────────────────── ledger
+    consume ─► decode ─► translate ─► entries ─► Settler.admit ─► Dispatcher ─► Settler (delivered, done)
+                                                                                   └─► dead-letter topic
+    commit ◄─────────────────────────── positions ◄────────────────────────────────────── ledger (runs)
     pause  ◄─────────────────────────── held, unsettled ◄─────────────────────────────────── Settler
 
-The settler (``consumer.settle``) decides every record's outcome and so what may be committed: a record is
-settled when every call it implied was delivered, or when it was confirmed written to the dead-letter topic.
-The intake thread only executes it: it commits the positions handed over (``consumer.commit``: periodically,
-and synchronously on revoke and at shutdown) and pauses what it is told to hold. What crosses between the
-threads goes through ``consumer.handoff``, nothing else.
+In batch mode a ``consume()`` batch crosses as per-shop entries (``consumer.record.Entry``), in single mode
+as records. The settler (``consumer.settle``) decides every record's outcome and so what may be committed:
+a record is settled when every call it implied was delivered, or when it was confirmed written to the
+dead-letter topic. The intake thread only executes it: it commits the positions handed over
+(``consumer.commit``: periodically, and synchronously on revoke and at shutdown) and pauses what it is told
+to hold. What crosses between the threads goes through ``consumer.handoff``, nothing else.
 
 Shutdown (SIGTERM): stop fetching, seal open batches, let in-flight records settle within
 ``delivery.shutdown_grace_s``, commit, leave the group, exit 0. A tripped dead-letter guard exits 3 without
@@ -62,7 +62,6 @@ EXIT_HALTED: Final = 3
 #: How often a draining revoke or shutdown looks at the in-flight count.
 DRAIN_POLL_S: Final = 0.01
 PROGRESS_EVERY_S: Final = 5.0
-HEARTBEAT_EVERY_S: Final = 1.0
 #: How long closing the Kafka consumer (final commit, leaving the group) may take at shutdown.
 CLOSE_TIMEOUT_S: Final = 15.0
 
@@ -100,8 +99,8 @@ class Relay:
             loop.add_signal_handler(signum, self.request_stop)
         tune_interpreter()
         self.intake.start()
-        progress = report_progress(self._progress, PROGRESS_EVERY_S)
-        background = [asyncio.create_task(progress), asyncio.create_task(self._beat())]
+        progress = report_progress(self.settler.progress, PROGRESS_EVERY_S)
+        background = [asyncio.create_task(progress), asyncio.create_task(self.probes.beat())]
         if self.redrive is not None:
             watch = self.redrive.stop_when_caught_up(self.settler, self.request_stop)
             background.append(asyncio.create_task(watch))
@@ -124,9 +123,7 @@ class Relay:
                 self.health.stop()
             await self.dispatcher.close()
             await self.client.close()
-            unconfirmed = self.dlq.close()
-            if unconfirmed:
-                log.warning("relay.dead_letters_unconfirmed", count=unconfirmed)
+            self.dlq.close()  # what it could not confirm was never settled, so never committed
         return self._exit_status()
 
     async def _build(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -195,12 +192,7 @@ class Relay:
 
     def _start_health(self) -> None:
         observability = self.config.settings.observability
-        gauges, handoff = self.metrics.gauges, self.handoff
-        gauges.in_flight = lambda: sum(handoff.unsettled.values())
-        gauges.partitions = lambda: len(handoff.assigned)
-        gauges.breakers = lambda: {shop: b.state == "open" for shop, b in self.breakers.items()}
-        gauges.lag = lambda: handoff.lag
-        gauges.commit_times = lambda: handoff.commit_times
+        self.metrics.gauges.watch(self.handoff, self.breakers)
         if observability.port is None:
             return
         self.health = HealthServer(
@@ -211,11 +203,6 @@ class Relay:
             port=observability.port,
         )
         self.health.start()
-
-    async def _beat(self) -> None:
-        while True:
-            self.probes.heartbeat = time.monotonic()
-            await asyncio.sleep(HEARTBEAT_EVERY_S)
 
     def request_stop(self) -> None:
         if self._stopping is not None and not self._stopping.is_set():
@@ -236,9 +223,8 @@ class Relay:
         self.intake.close()
         assert self._intake_stopped is not None
         try:
-            # Closing commits and leaves the group: with the broker gone, librdkafka may wait on it for
-            # minutes. A stop must end: past the bound the process exits without the final commit (what it
-            # did not commit is sent again by the next owner: duplicates, never loss).
+            # Closing commits and leaves the group, and with no broker may wait minutes. A stop must end:
+            # past the bound it exits without the final commit (the next owner resends: duplicates, not loss).
             await asyncio.wait_for(asyncio.shield(self._intake_stopped), CLOSE_TIMEOUT_S)
         except TimeoutError:
             self._close_timed_out = True
@@ -275,12 +261,8 @@ class Relay:
         self.dispatcher.submit(self.settler.admit(records))
 
     def on_consumed(self, consumed: Consumed) -> None:
-        """The batch path: a consume() batch as per-shop entries, and the records that failed."""
-        consumed = self.settler.admit_consumed(consumed)
-        for record in consumed.failed:
-            self.settler.done(record)
         assert isinstance(self.dispatcher, BatchDispatcher)  # the intake hands lots over in batch mode only
-        self.dispatcher.submit_lots(consumed.lots)
+        self.dispatcher.submit_lots(self.settler.admit_consumed(consumed))
 
     def on_assigned(self, partitions: list[tuple[TopicPartition, int]]) -> None:
         self.settler.assign(partitions)
@@ -295,17 +277,6 @@ class Relay:
         self.dispatcher.flush()
         await self._drain(lambda: sum(self.ledger.in_flight_for(tp) for tp in partitions), grace_s)
         return self.settler.release(partitions)
-
-    def _progress(self) -> dict[str, int]:
-        settler, handoff = self.settler, self.handoff
-        return {
-            "consumed": handoff.consumed,
-            "delivered": settler.delivered,
-            "dead_lettered": settler.dead_lettered,
-            "in_flight": self.ledger.in_flight,
-            "retries": sum(self.metrics.retries.values()),
-            "partitions": len(handoff.assigned),
-        }
 
     def on_intake_stopped(self, error: BaseException | None) -> None:
         if error is not None:

@@ -163,11 +163,12 @@ class Settler:
         self._publish_unsettled()
         return kept
 
-    def admit_consumed(self, consumed: Consumed) -> Consumed:
-        """The batch path's :meth:`admit`: track a consume() batch's runs; return what is still to deliver
-        (nothing after a halt; nothing of a run read under a generation since revoked)."""
+    def admit_consumed(self, consumed: Consumed) -> Mapping[str, list[Entry]]:
+        """The batch path's :meth:`admit`: track a consume() batch's runs, settle the records that failed
+        decoding or translating (to the dead-letter topic), and return the entries still to deliver, per
+        shop (nothing after a halt; nothing of a run read under a generation since revoked)."""
         if self.halt_reason is not None:
-            return Consumed([], {}, [])
+            return {}
         if not self.ledger.track_runs(consumed.runs):
             # A revoke came between reading and here (rare): keep what is still ours, entry by entry.
             lots = {
@@ -179,13 +180,14 @@ class Settler:
         feeds = self._feeds
         for shop, entries in consumed.lots.items():
             runs = set(map(_runs, entries))
-            runs.discard(None)
-            tps = {run.tp for run in runs}
-            if None in map(_runs, entries):
+            tps = {run.tp for run in runs if run is not None}
+            if None in runs:  # entries of Records (partly refused translations): their own partitions
                 tps.update(entry[SOURCE].tp for entry in entries if entry[RUN] is None)  # type: ignore[union-attr]
             feeds.setdefault(shop, set()).update(tps)
         self._publish_unsettled()
-        return consumed
+        for record in consumed.failed:
+            self.done(record)
+        return consumed.lots
 
     # --- outcomes -------------------------------------------------------------------------------------
 
@@ -261,6 +263,17 @@ class Settler:
             calls[(shop, method, "delivered")] += count
         if self._suspects and shop in self._suspects:
             self._acquit(shop)
+
+    def progress(self) -> dict[str, int]:
+        """The figures of the periodic progress line."""
+        return {
+            "consumed": self._handoff.consumed,
+            "delivered": self.delivered,
+            "dead_lettered": self.dead_lettered,
+            "in_flight": self.ledger.in_flight,
+            "retries": sum(self._metrics.retries.values()),
+            "partitions": len(self._handoff.assigned),
+        }
 
     def halt(self, reason: str) -> None:
         """Stop taking records and stop the relay; the first reason is the one reported."""

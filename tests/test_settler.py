@@ -365,7 +365,7 @@ def test_a_run_read_before_a_revoke_is_not_admitted(h: Harness) -> None:
     h.settler.release([TP])
     h.assign(TP, generation=2)
     admitted = h.settler.admit_consumed(Consumed([run], {"demo": entries}, []))
-    assert admitted.lots == {}, "the next owner reads it again"
+    assert admitted == {}, "the next owner reads it again"
     assert not run.live
 
 
@@ -403,3 +403,18 @@ def test_an_open_breaker_holds_the_partition_whose_run_fed_its_shop(h: Harness) 
     breaker.record(transient=True, probe=False)
     breaker.record(transient=True, probe=False)
     assert h.handoff.held == frozenset({OTHER}), "the partition whose run fed the shop is held"
+
+
+def test_a_consumed_record_that_failed_goes_to_the_dead_letter_topic_and_holds_its_run(h: Harness) -> None:
+    run = Run(TP, 1, 0, 3, 3)
+    bad = poison(1)
+    bad.run = run
+    run.records.append(bad)
+    entries: list[Entry] = [(b"{}", None, run, "view", None, 1)] * 2  # type: ignore[list-item]
+    lots = h.settler.admit_consumed(Consumed([run], {"demo": entries}, [bad]))
+    assert lots == {"demo": entries}
+    assert h.sink.sent == [bad], "a record decoding refused is dead-lettered at once"
+    h.settler.batch_delivered("demo", entries)
+    assert h.committable() == {TP: 1}, "committed up to the record whose dead letter is not yet written"
+    h.settler.dead_letter_written(bad)
+    assert h.committable() == {TP: 3}
