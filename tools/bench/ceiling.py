@@ -6,9 +6,10 @@ It uses the relay's own consumer settings (``consumer.intake.consumer_config``: 
 the same prefetch bounds) and the relay's own decoders (``consumer.decode.build_decoders``), so the relay's
 batch-mode rate divided by this one is the share of the ceiling the rest of the pipeline leaves.
 
-``--stage intake`` runs the relay's whole intake stage instead — decode, translate, encode and the
-:class:`~consumer.record.Record` per message, through ``Intake._prepare`` itself — which splits the relay's
-cost per event into "intake" and "everything after the hand-off to the event loop".
+``--stage intake`` runs the relay's whole intake stage instead — decode, translate, encode into batch mode's
+per-shop entries (``Intake._prepare_lots``; single mode: a :class:`~consumer.record.Record` per message,
+``Intake._prepare``), with the relay's interpreter settings — which splits the relay's cost per event into
+"intake" and "everything after the hand-off to the event loop".
 
 It measures itself (wall clock and process CPU time, all threads) over the ``--count`` records after the
 first ``--warmup``, prints a ``BENCH-RESULT`` line and exits.
@@ -25,6 +26,7 @@ from confluent_kafka import Consumer, Message
 
 from consumer.handoff import Handoff
 from consumer.intake import Intake, consumer_config
+from consumer.interpreter import tune_interpreter
 from tools.bench.child import Setup, parser, report
 
 
@@ -76,7 +78,8 @@ def _decode_only(setup: Setup) -> Callable[[list[Message]], None]:
 
 
 def _intake_stage(setup: Setup, consumer: Consumer) -> Callable[[list[Message]], None]:
-    """The relay's intake, minus the hand-off: records are built and dropped."""
+    """The relay's intake, minus the hand-off: what it hands over is built and dropped (batch mode's
+    per-shop entries, single mode's records), under the relay's interpreter settings."""
     loop = asyncio.new_event_loop()  # the intake wants one to hand records to; nothing runs on it here
     listener: Any = None
     intake = Intake(
@@ -87,8 +90,11 @@ def _intake_stage(setup: Setup, consumer: Consumer) -> Callable[[list[Message]],
         listener,
     )
 
+    prepare = intake._prepare_lots if intake._batch_path else intake._prepare
+    tune_interpreter()
+
     def work(messages: list[Message]) -> None:
-        intake._prepare(consumer, messages)
+        prepare(consumer, messages)
 
     return work
 
